@@ -1,0 +1,29 @@
+//! qkd-macsec-agent: keys Linux kernel MACsec from ETSI GS QKD 014 KMEs.
+//!
+//! One module per outside world, with the key lifecycle as pure logic in the middle:
+//! - [`etsi014`]: the ETSI GS QKD 014 REST client (mutual TLS) and its wire types.
+//! - [`kmesim`]: a pair of simulated KMEs sharing a simulated QKD link.
+//! - [`certs`]: certificate creation for the 014 interface and the `doctor` diagnostics.
+//! - [`macsec`]: kernel MACsec over rtnetlink (links) and the `macsec` generic netlink family (keys).
+//! - [`dataplane`]: loading the XDP/TC programs, their maps and ring-buffer events.
+//! - [`lldp`]: the project's LLDP TLV and LLDPDU codec, and the AF_PACKET sender.
+//! - [`keyx`], [`watchdog`], [`profile`]: key exchange, the AKL watchdog and key profiles as sans-IO
+//!   state machines with the clock injected.
+//! - [`config`], [`agent`]: the gateway config and the IO loop that joins everything.
+
+pub mod agent;
+pub mod certs;
+pub mod config;
+pub mod dataplane;
+pub mod etsi014;
+pub mod keyx;
+pub mod kmesim;
+pub mod lldp;
+pub mod macsec;
+pub mod profile;
+pub mod secret;
+pub mod watchdog;
+
+/// The eBPF object built by build.rs (aya-build), embedded so the binary is self-contained.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/qkd-macsec"));
