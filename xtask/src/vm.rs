@@ -224,8 +224,16 @@ fn boot(image: &VmImage, job: &Job, nonce: &str, script: &Path) -> Result<Outcom
             bail!("{} missing; run `cargo xtask setup`", p.display());
         }
     }
+    let kernel = if image.vmlinux.is_file() {
+        &image.vmlinux
+    } else {
+        &image.vmlinuz
+    };
     let append = format!(
-        "console=ttyS0 panic=-1 loglevel={} random.trust_cpu=on mitigations=off \
+        // lpj: skips the delay-loop calibration, which fails slowly under TCG (about 2 s);
+        // cryptomgr.notests: no crypto self-tests at module load; edd=off: no BIOS disk probe.
+        "console=ttyS0 panic=-1 loglevel={} random.trust_cpu=on mitigations=off lpj=9781636 \
+         cryptomgr.notests edd=off \
          qkd_nonce={nonce} qkd_job={} qkd_modtree={} qkd_kver={}",
         if verbose { 7 } else { 4 },
         script.display(),
@@ -263,7 +271,7 @@ fn boot(image: &VmImage, job: &Job, nonce: &str, script: &Path) -> Result<Outcom
         &append,
     ])
     .arg("-kernel")
-    .arg(&image.vmlinuz)
+    .arg(kernel)
     .arg("-initrd")
     .arg(&image.initramfs)
     .stdin(Stdio::null())
@@ -352,7 +360,7 @@ fn boot(image: &VmImage, job: &Job, nonce: &str, script: &Path) -> Result<Outcom
                     let _ = writeln!(o, "{line}");
                     let _ = o.flush();
                 } else if verbose {
-                    eprintln!("[vm boot] {line}");
+                    eprintln!("[vm boot +{:.2}s] {line}", start.elapsed().as_secs_f64());
                 } else {
                     boot_log.push_back(line);
                     if boot_log.len() > 400 {
