@@ -226,7 +226,12 @@ pub struct InitOptions {
 }
 
 /// Writes a file; private keys get mode 0600 from the moment they exist.
-pub fn write_file(path: &Path, contents: &[u8], private: bool, force: bool) -> Result<(), CertError> {
+pub fn write_file(
+    path: &Path,
+    contents: &[u8],
+    private: bool,
+    force: bool,
+) -> Result<(), CertError> {
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::fs::PermissionsExt;
     let werr = |source| CertError::Write {
@@ -316,7 +321,10 @@ mod tests {
         let written = init(&opts).unwrap();
         assert_eq!(written.len(), 10);
         for name in ["ca.key", "kme-a.key", "kme-b.key", "sae-a.key", "sae-b.key"] {
-            let mode = std::fs::metadata(dir.join(name)).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.join(name))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600, "{name}");
         }
         let sae = tls::load_certs("c", &dir.join("sae-b.pem")).unwrap();

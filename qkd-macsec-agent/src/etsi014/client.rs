@@ -67,7 +67,9 @@ pub enum Etsi014Error {
         attempts: u32,
         detail: String,
     },
-    #[error("KME {url} answered with content type {content_type:?}; ETSI 014 requires application/json")]
+    #[error(
+        "KME {url} answered with content type {content_type:?}; ETSI 014 requires application/json"
+    )]
     ContentType { url: String, content_type: String },
     #[error("KME {url} answer is larger than the {limit}-byte limit; refusing it")]
     BodyTooLarge { url: String, limit: usize },
@@ -91,7 +93,9 @@ pub enum Etsi014Error {
     UnexpectedKeyId { url: String, key_id: String },
     #[error("KME {url} returned key_ID {key_id:?}, which is not a UUID as ETSI 014 requires")]
     BadKeyId { url: String, key_id: String },
-    #[error("KME {url} returned the key for key_ID {key_id} in invalid base64 (RFC 4648 required)")]
+    #[error(
+        "KME {url} returned the key for key_ID {key_id} in invalid base64 (RFC 4648 required)"
+    )]
     BadBase64 { url: String, key_id: String },
     #[error("KME {url} returned {got_bits} bits for key_ID {key_id}, but {expected_bits} bits were requested")]
     WrongKeySize {
@@ -193,7 +197,9 @@ pub struct KmeClient {
 
 impl std::fmt::Debug for KmeClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KmeClient").field("base", &self.base).finish()
+        f.debug_struct("KmeClient")
+            .field("base", &self.base)
+            .finish()
     }
 }
 
@@ -313,11 +319,12 @@ impl KmeClient {
     pub async fn status(&self, slave_sae_id: &str) -> Result<KmeStatus, Etsi014Error> {
         let url = self.url(slave_sae_id, "status");
         let body = self.call(Method::GET, &url, None).await?;
-        let status: Status = serde_json::from_slice(&body).map_err(|e| Etsi014Error::Malformed {
-            url: url.clone(),
-            what: "status",
-            detail: sanitized(&e),
-        })?;
+        let status: Status =
+            serde_json::from_slice(&body).map_err(|e| Etsi014Error::Malformed {
+                url: url.clone(),
+                what: "status",
+                detail: sanitized(&e),
+            })?;
         let availability = status
             .status_extension
             .as_ref()
@@ -366,7 +373,13 @@ impl KmeClient {
             .map_err(|e| Etsi014Error::InvalidRequest(format!("cannot encode request: {e}")))?;
         let sent = Instant::now();
         let body = self.call(Method::POST, &url, Some(json)).await?;
-        self.parse_keys(&url, body, sent, Expect::Count(number as usize), request.size)
+        self.parse_keys(
+            &url,
+            body,
+            sent,
+            Expect::Count(number as usize),
+            request.size,
+        )
     }
 
     /// `GET {master_SAE_ID}/dec_keys?key_ID=`. `size_bits`: the size the master requested, if
@@ -523,7 +536,10 @@ impl KmeClient {
         let mut backoff = self.retry.initial_backoff;
         let mut attempt = 1;
         loop {
-            match self.attempt(method.clone(), url, body.clone(), attempt).await? {
+            match self
+                .attempt(method.clone(), url, body.clone(), attempt)
+                .await?
+            {
                 Attempt::Done(b) => return Ok(b),
                 Attempt::Retry(e) if attempt >= self.retry.max_attempts.max(1) => return Err(e),
                 Attempt::Retry(e) => {
