@@ -334,3 +334,52 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// `certs` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum CertsCmd {
+    /// Create a CA, server certificates for kme-a and kme-b and client certificates for the SAEs.
+    Init {
+        /// Output directory (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Extra DNS name or IP for both KME certificates, besides localhost, 127.0.0.1 and ::1
+        /// (repeatable).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// SAE ID to issue a client certificate for (repeatable; default sae-a and sae-b).
+        #[arg(long = "sae")]
+        saes: Vec<String>,
+        /// Validity of every certificate, days.
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Runs a `certs` subcommand; prints the files written.
+pub fn run(cmd: CertsCmd) -> anyhow::Result<()> {
+    match cmd {
+        CertsCmd::Init {
+            out,
+            hosts,
+            saes,
+            days,
+            force,
+        } => {
+            let written = init(&InitOptions {
+                out,
+                hosts,
+                saes,
+                days,
+                force,
+            })?;
+            for p in written {
+                println!("{}", p.display());
+            }
+            Ok(())
+        }
+    }
+}

@@ -40,7 +40,7 @@ impl Default for LinkParams {
             key_rate: 1000.0,
             key_size: 256,
             max_key_count: 10_000,
-            availability_timeout: Some(Duration::from_secs(60)),
+            availability_timeout: Some(Duration::from_secs(10)),
             qber: 0.02,
             qber_abort: 0.11,
             paused: false,

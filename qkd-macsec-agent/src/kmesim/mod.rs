@@ -3,6 +3,7 @@
 //! on loopback for run-time fault injection. Usable in-process ([`KmeSim::start`]) or as the
 //! `kme-sim` subcommand. Knobs, defaults, control interface and extensions: docs/kme-simulator.md.
 
+pub mod bench;
 pub mod cli;
 pub mod control;
 pub mod link;
