@@ -2,6 +2,7 @@
 //! this file only parses arguments, sets up logging and dispatches.
 
 use clap::{Parser, Subcommand};
+use qkd_macsec_agent::{certs, etsi014, kmesim};
 
 #[derive(Parser)]
 #[command(
@@ -18,6 +19,34 @@ struct Cli {
 enum Command {
     /// Print the size of the embedded eBPF object (a quick build sanity check).
     EbpfInfo,
+    /// Run a pair of simulated ETSI GS QKD 014 KMEs sharing one simulated QKD link.
+    KmeSim(kmesim::cli::SimArgs),
+    /// Show or change a running KME simulator's knobs and faults.
+    KmeSimCtl(kmesim::cli::CtlArgs),
+    /// Talk to a KME over ETSI GS QKD 014 (JSON output).
+    Kme {
+        #[command(subcommand)]
+        cmd: etsi014::cli::KmeCmd,
+    },
+    /// Create certificates for the ETSI 014 interface.
+    Certs {
+        #[command(subcommand)]
+        cmd: certs::CertsCmd,
+    },
+    /// Diagnose a setup and explain what is wrong.
+    Doctor {
+        #[command(subcommand)]
+        cmd: DoctorCmd,
+    },
+    /// Benchmark the ETSI 014 client against the KME simulator (used by `cargo xtask bench`).
+    #[command(hide = true)]
+    BenchKme(kmesim::bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum DoctorCmd {
+    /// Connect to a KME as an SAE would and explain any failure.
+    Kme(certs::doctor::DoctorKmeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +66,19 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::KmeSim(a) => kmesim::cli::run_sim(a),
+        Command::KmeSimCtl(a) => kmesim::cli::run_ctl(a),
+        Command::Kme { cmd } => etsi014::cli::run(cmd),
+        Command::Certs { cmd } => certs::run(cmd),
+        Command::Doctor {
+            cmd: DoctorCmd::Kme(a),
+        } => {
+            if certs::doctor::run(a)? {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
+        Command::BenchKme(a) => kmesim::bench::run(a),
     }
 }
