@@ -38,6 +38,9 @@ pub const PROG_TC: &str = "qkd_tc";
 /// A trivial XDP_PASS program, the benchmark's baseline (same object, same run).
 pub const PROG_XDP_PASS: &str = "qkd_xdp_pass";
 
+/// A trivial TC program, the TC benchmark's baseline.
+pub const PROG_TC_PASS: &str = "qkd_tc_pass";
+
 /// `Array<DataplaneConfig>`, one entry.
 pub const MAP_CONFIG: &str = "QKD_CONFIG";
 /// `Array<SaReg>`, [`SA_SLOTS`] entries: the SAs the agent registered.
@@ -199,6 +202,9 @@ pub struct SaReg {
     /// Bit i set: threshold i's event was sent. Set atomically by the program, cleared by the
     /// agent when it (re)writes the thresholds. 64 bits because the BPF target's atomics are.
     pub fired: u64,
+    /// The smallest non-zero threshold (u64::MAX when none): the program's one-compare fast path.
+    /// Written by the agent together with `thresholds` (see [`SaReg::min_threshold`]).
+    pub next_check: u64,
 }
 
 impl SaReg {
@@ -209,7 +215,21 @@ impl SaReg {
         flags: 0,
         thresholds: [0; PN_THRESHOLDS],
         fired: 0,
+        next_check: u64::MAX,
     };
+
+    /// The `next_check` value for `thresholds`.
+    pub const fn min_threshold(thresholds: &[u64; PN_THRESHOLDS]) -> u64 {
+        let mut min = u64::MAX;
+        let mut i = 0;
+        while i < PN_THRESHOLDS {
+            if thresholds[i] != 0 && thresholds[i] < min {
+                min = thresholds[i];
+            }
+            i += 1;
+        }
+        min
+    }
 }
 
 /// Per-CPU traffic of one SA, an entry of [`MAP_SA_STATS`].
@@ -315,7 +335,7 @@ pub struct PnEvent {
 
 // Layout pins: a change here is a change of the documented format (docs/dataplane.md).
 const _: () = assert!(core::mem::size_of::<DataplaneConfig>() == 16);
-const _: () = assert!(core::mem::size_of::<SaReg>() == 56);
+const _: () = assert!(core::mem::size_of::<SaReg>() == 64);
 const _: () = assert!(core::mem::size_of::<SaStats>() == 24);
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 const _: () = assert!(core::mem::size_of::<LldpEvent>() == 528);

@@ -10,7 +10,7 @@ use aya::programs::{SchedClassifier, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use qkd_macsec_common::{
     DataplaneConfig, Direction, SaReg, LLDP_DST_MAC, LLDP_OUI, LLDP_SUBTYPE, MAP_CONFIG,
-    MAP_EVENTS, MAP_SA_REG, PROG_TC, PROG_XDP, PROG_XDP_PASS, TCI_SC,
+    MAP_EVENTS, MAP_SA_REG, PROG_TC, PROG_TC_PASS, PROG_XDP, PROG_XDP_PASS, TCI_SC, TCI_V,
 };
 
 use super::maps::{choose_slot, new_entry, SaKey, Sci, SlotChoice};
@@ -146,11 +146,13 @@ fn load() -> Result<Ebpf, DataplaneError> {
             detail: chain(&e),
         })?;
     }
-    let p: &mut SchedClassifier = prog(&mut ebpf, PROG_TC)?;
-    p.load().map_err(|e| DataplaneError::Load {
-        what: PROG_TC.into(),
-        detail: chain(&e),
-    })?;
+    for name in [PROG_TC, PROG_TC_PASS] {
+        let p: &mut SchedClassifier = prog(&mut ebpf, name)?;
+        p.load().map_err(|e| DataplaneError::Load {
+            what: name.into(),
+            detail: chain(&e),
+        })?;
+    }
     Ok(ebpf)
 }
 
@@ -244,9 +246,13 @@ pub fn run_benchmark(repeat: u32, rounds: usize) -> Result<Vec<BenchResult>, Dat
     let xdp = fd_of(&ebpf, PROG_XDP)?;
     let pass = fd_of(&ebpf, PROG_XDP_PASS)?;
     let tc = fd_of(&ebpf, PROG_TC)?;
+    let tc_pass = fd_of(&ebpf, PROG_TC_PASS)?;
     let macsec = bench_macsec_frame(rx.sci, rx.an, 5);
     let unknown = bench_macsec_frame(Sci::from_mac_port(DST, 7), 0, 5);
     let ipv4 = ipv4_frame();
+    // Rejected right after the TCI: the parse cost without any SA lookup.
+    let mut malformed = macsec.clone();
+    malformed[14] |= TCI_V;
     let lldp = lldp_frame();
 
     let mut samples: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
@@ -267,6 +273,14 @@ pub fn run_benchmark(repeat: u32, rounds: usize) -> Result<Vec<BenchResult>, Dat
             .entry("xdp.macsec_unknown_sa_ns_per_pkt")
             .or_default()
             .push(test_run(xdp, &unknown, repeat)?.0);
+        samples
+            .entry("xdp.macsec_malformed_ns_per_pkt")
+            .or_default()
+            .push(test_run(xdp, &malformed, repeat)?.0);
+        samples
+            .entry("tc.baseline_ns_per_pkt")
+            .or_default()
+            .push(test_run(tc_pass, &macsec, repeat)?.0);
         samples
             .entry("tc.macsec_ns_per_pkt")
             .or_default()
@@ -301,17 +315,23 @@ pub fn run_benchmark(repeat: u32, rounds: usize) -> Result<Vec<BenchResult>, Dat
             ns_per_pkt: median(v),
         })
         .collect();
-    let base = out
-        .iter()
-        .find(|r| r.key == "xdp.baseline_ns_per_pkt")
-        .map(|r| r.ns_per_pkt)
-        .unwrap_or(0.0);
+    let base_of = |prefix: &str| {
+        out.iter()
+            .find(|r| r.key == format!("{prefix}.baseline_ns_per_pkt"))
+            .map_or(0.0, |r| r.ns_per_pkt)
+    };
+    let (xdp_base, tc_base) = (base_of("xdp"), base_of("tc"));
     let extra: Vec<BenchResult> = out
         .iter()
-        .filter(|r| r.key != "xdp.baseline_ns_per_pkt")
+        .filter(|r| !r.key.contains("baseline"))
         .map(|r| BenchResult {
             key: r.key.replace("_ns_per_pkt", "_over_baseline_ns"),
-            ns_per_pkt: r.ns_per_pkt - base,
+            ns_per_pkt: r.ns_per_pkt
+                - if r.key.starts_with("tc.") {
+                    tc_base
+                } else {
+                    xdp_base
+                },
         })
         .collect();
     out.extend(extra);

@@ -578,6 +578,7 @@ impl Dataplane {
         e.thresholds = [0; PN_THRESHOLDS];
         e.thresholds[..thresholds.len()].copy_from_slice(thresholds);
         e.fired = 0;
+        e.next_check = SaReg::min_threshold(&e.thresholds);
         self.write_reg(slot, e)
     }
 

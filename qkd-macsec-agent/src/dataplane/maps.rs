@@ -167,6 +167,7 @@ pub(crate) fn new_entry(key: &SaKey, xpn: bool, pn_hi: u32, thresholds: [u64; 4]
         flags: SA_VALID | if xpn { SA_XPN } else { 0 },
         thresholds,
         fired: 0,
+        next_check: SaReg::min_threshold(&thresholds),
     }
 }
 
