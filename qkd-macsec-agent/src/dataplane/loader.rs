@@ -413,9 +413,31 @@ impl Dataplane {
         r.map_err(|e| self.map_error(MAP_CONFIG, &e))
     }
 
+    /// Checks that the interface still exists under the same index (links vanish with their
+    /// programs; the maps would silently keep working).
+    pub fn check_interface(&self) -> Result<(), DataplaneError> {
+        match ifindex_of(&self.ifname) {
+            Ok(idx) if idx == self.ifindex => Ok(()),
+            Ok(idx) => Err(DataplaneError::InterfaceGone {
+                ifname: self.ifname.clone(),
+                context: format!(
+                    "the name now belongs to ifindex {idx}, not {}",
+                    self.ifindex
+                ),
+            }),
+            Err(_) => Err(DataplaneError::InterfaceGone {
+                ifname: self.ifname.clone(),
+                context: format!("ifindex {} no longer exists", self.ifindex),
+            }),
+        }
+    }
+
     /// Sets or clears the stall switch: while set, every frame except LLDP and EAPOL is dropped
     /// in both directions. The flag lives in the pinned config map, so it outlives this process.
+    /// Fails with [`DataplaneError::InterfaceGone`] when the interface vanished (a stall there
+    /// would be a no-op the caller must know about).
     pub fn set_stall(&mut self, stall: bool) -> Result<(), DataplaneError> {
+        self.check_interface()?;
         let mut cfg = self.get_config()?;
         if stall {
             cfg.flags |= CFG_STALL;
