@@ -19,6 +19,29 @@ struct Cli {
 enum Command {
     /// Print the size of the embedded eBPF object (a quick build sanity check).
     EbpfInfo,
+    /// Test helper: attach the data plane to IFACE, optionally stall, print `ready`, sleep.
+    #[command(hide = true)]
+    DataplaneHold {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, default_value = "/sys/fs/bpf/qkd-macsec")]
+        bpffs_root: std::path::PathBuf,
+        #[arg(long)]
+        stall: bool,
+    },
+    /// Benchmark `ebpf`: per-packet cost of the XDP/TC programs (BPF_PROG_TEST_RUN).
+    #[command(hide = true)]
+    BenchEbpf {
+        /// Flat JSON object to merge the results into.
+        #[arg(long, default_value = "target/bench/results.json")]
+        out: std::path::PathBuf,
+        /// Program runs per measurement.
+        #[arg(long, default_value_t = 5_000_000)]
+        repeat: u32,
+        /// Interleaved rounds (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// Run a pair of simulated ETSI GS QKD 014 KMEs sharing one simulated QKD link.
     KmeSim(kmesim::cli::SimArgs),
     /// Show or change a running KME simulator's knobs and faults.
@@ -80,5 +103,21 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::BenchKme(a) => kmesim::bench::run(a),
+        Command::DataplaneHold {
+            iface,
+            bpffs_root,
+            stall,
+        } => Ok(qkd_macsec_agent::dataplane::tool::hold(
+            &iface,
+            &bpffs_root,
+            stall,
+        )?),
+        Command::BenchEbpf {
+            out,
+            repeat,
+            rounds,
+        } => Ok(qkd_macsec_agent::dataplane::tool::bench(
+            &out, repeat, rounds,
+        )?),
     }
 }
