@@ -274,11 +274,14 @@ fn cli_rollover(
     let sa_args = |dev: &str, dir: &[String]| -> Vec<String> {
         let mut v = vec![s("macsec"), s("add"), s(dev)];
         v.extend_from_slice(dir);
-        v.extend([s("sa"), new.to_string(), s("pn"), s("1"), s("on")]);
+        // iproute2 6.1 sends `pn` as a u32, which an XPN SecY rejects; XPN takes `xpn`.
+        let pn_kw = if key.xpn.is_some() { "xpn" } else { "pn" };
+        v.extend([s("sa"), new.to_string(), s(pn_kw), s("1"), s("on")]);
         if let Some(x) = &key.xpn {
             v.extend([
                 s("ssci"),
-                x.ssci.to_string(),
+                // iproute2 reads the SSCI as hex.
+                format!("{:x}", x.ssci),
                 s("salt"),
                 hex(x.salt.expose()),
             ]);

@@ -118,7 +118,8 @@ impl Macsec {
         m.attr(SA_KEYID, &key.key_id.0);
         m.attr_u8(SA_ACTIVE, active.into());
         if let Some(x) = &key.xpn {
-            m.attr_u32(SA_SSCI, x.ssci);
+            // The kernel keeps the SSCI as it goes into the IV: big-endian (iproute2 agrees).
+            m.attr(SA_SSCI, &x.ssci.to_be_bytes());
             m.attr(SA_SALT, x.salt.expose());
         }
         m.nest_end(sa);
@@ -481,7 +482,12 @@ fn parse_sa(p: &[u8]) -> Option<SaState> {
             SA_ACTIVE => sa.active = get_u8(v)? != 0,
             SA_PN => sa.next_pn = get_pn(v)?,
             SA_KEYID => sa.key_id = KeyId(v.get(..16)?.try_into().ok()?),
-            SA_SSCI => sa.ssci = get_u32(v),
+            SA_SSCI => {
+                sa.ssci = v
+                    .get(..4)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u32::from_be_bytes)
+            }
             SA_STATS => {
                 for (st, sv) in attrs(v) {
                     let x = stat(sv);
@@ -663,7 +669,7 @@ mod tests {
         m.attr_u8(SA_AN, 1);
         m.attr_u64(SA_PN, (1 << 32) + 5);
         m.attr(SA_KEYID, &[7; 16]);
-        m.attr_u32(SA_SSCI, 3);
+        m.attr(SA_SSCI, &3u32.to_be_bytes());
         m.attr_u8(SA_ACTIVE, 1);
         let st = m.nest_begin(SA_STATS);
         m.attr_u32(7, 42);
@@ -738,7 +744,11 @@ mod tests {
         assert_eq!(get(SA_AN), &[2]);
         assert_eq!(get(SA_PN).len(), 8, "XPN carries a 64-bit PN");
         assert_eq!(get(SA_KEY), &[0x5a; 16]);
-        assert_eq!(get(SA_SSCI), &0x01020304u32.to_ne_bytes());
+        assert_eq!(
+            get(SA_SSCI),
+            &[1, 2, 3, 4],
+            "SSCI is big-endian on the wire"
+        );
         assert_eq!(get(SA_SALT), &[9; 12]);
 
         let plain = SaKey::new(SecretBytes::new(vec![1; 16]), KeyId([1; 16]));
