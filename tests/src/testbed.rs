@@ -1373,3 +1373,102 @@ pub fn capture_lldp(ns: &NetNs, ifname: &str, dur: Duration) -> Vec<Vec<u8>> {
     }
     out
 }
+
+/// Frames in `r` lost outside every window in `windows` (each widened by `margin` on both sides);
+/// an open window runs to now. "Lost while keys were valid" in the tests.
+pub fn lost_outside(
+    r: &StreamReport,
+    windows: &[(Instant, Option<Instant>)],
+    margin: Duration,
+) -> Vec<Instant> {
+    r.lost_at
+        .iter()
+        .copied()
+        .filter(|t| {
+            !windows.iter().any(|(s, e)| {
+                let s = s.checked_sub(margin).unwrap_or(*s);
+                let e = e.map_or(Instant::now(), |e| e + margin);
+                *t >= s && *t <= e
+            })
+        })
+        .collect()
+}
+
+/// A secured link with the observers running: what most end-to-end tests start from.
+pub struct Running {
+    pub bed: Testbed,
+    pub monitor: Monitor,
+    pub capture: WireCapture,
+    pub start_to_secure: Duration,
+}
+
+impl Running {
+    /// Testbed, configs from `spec`, capture, both agents, wait until secured (`timeout`), IP
+    /// over MACsec checked with ping, monitor sampling every 50 ms.
+    pub fn up(prefix: &str, opts: &TestbedOptions, spec: &LinkSpec, timeout: Duration) -> Running {
+        let mut bed = Testbed::new(prefix, opts);
+        bed.write_configs(spec);
+        let capture = WireCapture::start(&bed);
+        bed.start_agents(&opts.agent_log);
+        let start_to_secure = bed.wait_secured(timeout);
+        let replies = bed.ping(Side::A, 3, "0.2");
+        assert!(
+            replies > 0,
+            "the link looks secured but no ping crossed it\n{}",
+            bed.logs_tail(30)
+        );
+        let monitor = Monitor::start(&bed, Duration::from_millis(50));
+        Running {
+            bed,
+            monitor,
+            capture,
+            start_to_secure,
+        }
+    }
+
+    /// Streams in both directions at `pps`.
+    pub fn streams(&self, pps: u32) -> [Stream; 2] {
+        [
+            Stream::start(&self.bed, Side::A, 5001, pps),
+            Stream::start(&self.bed, Side::B, 5002, pps),
+        ]
+    }
+
+    /// Rollovers counted so far, the lower of the two sides.
+    pub fn rollovers(&self) -> u64 {
+        self.monitor.snapshot(|s| s.rollovers[0].min(s.rollovers[1]))
+    }
+
+    /// Waits until `cond` holds on the monitor state, checking the agents stay alive; panics
+    /// with `what` and both logs after `timeout`. Returns when it held.
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        cond: impl Fn(&MonitorState) -> bool,
+    ) -> Instant {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.monitor.snapshot(&cond) {
+                return Instant::now();
+            }
+            self.bed.check_agents_alive();
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not reached within {timeout:?}; monitor: {:?}\n{}",
+                self.monitor.snapshot(|s| (s.latest.clone(), s.rollovers, s.changes.len())),
+                self.bed.logs_tail(40)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Every stall window seen on either side so far.
+    pub fn stall_windows(&self) -> Vec<(Instant, Option<Instant>)> {
+        self.monitor.snapshot(|s| {
+            let mut w = s.stalls(Side::A);
+            w.extend(s.stalls(Side::B));
+            w
+        })
+    }
+}

@@ -32,19 +32,18 @@ pub fn run(opts: &Options) -> Result<u8> {
         setup::run(setup::Options::default())?;
     }
     eprintln!("[demo] building the agent and the demo program");
-    util::run(
-        util::cmd("cargo", &["build", "-p", "qkd-macsec-agent", "--bins"])
-            .current_dir(util::repo_root()),
-    )?;
+    // One cargo invocation, so both binaries share one feature resolution and nothing is built
+    // twice.
     util::run(
         util::cmd(
             "cargo",
             &[
                 "build",
                 "-p",
+                "qkd-macsec-agent",
+                "-p",
                 "qkd-macsec-tests",
-                "--bin",
-                "qkd-macsec-demo",
+                "--bins",
             ],
         )
         .current_dir(util::repo_root()),
@@ -67,12 +66,13 @@ pub fn run(opts: &Options) -> Result<u8> {
     ];
     let code = if in_vm {
         eprintln!("[demo] the host kernel has no MACsec: running the demo inside the MACsec VM");
-        // The console is the only way back out of the VM: the summary travels as a mark.
+        // The console is the only way back out of the VM: the summary travels as a mark, in hex
+        // because the job shell's echo would interpret backslashes in the JSON.
         let summary = "/tmp/qkd-macsec-demo-summary.json";
         argv.extend(["--summary-file".into(), summary.into()]);
         let words: Vec<String> = argv.iter().map(|w| sh_quote(w)).collect();
         let body = format!(
-            "{}\nrc=$?\n[ -s {summary} ] && mark \"summary $(cat {summary})\"\nexit $rc\n",
+            "{}\nrc=$?\n[ -s {summary} ] && mark \"summary $(od -An -v -tx1 {summary} | tr -d ' \\n')\"\nexit $rc\n",
             words.join(" ")
         );
         let job = vm::Job {
@@ -93,7 +93,7 @@ pub fn run(opts: &Options) -> Result<u8> {
             .iter()
             .rev()
             .find_map(|m| m.strip_prefix("summary "))
-            .map(str::to_owned);
+            .and_then(unhex);
         match summary {
             // Repeated as the very last stdout line: the VM console may interleave kernel
             // messages after the demo's own last line.
@@ -114,6 +114,19 @@ pub fn run(opts: &Options) -> Result<u8> {
         u8::try_from(status.code().unwrap_or(1)).unwrap_or(1)
     };
     Ok(code)
+}
+
+/// Decodes the hex the VM job sends the summary in; None when it is not valid UTF-8 hex.
+fn unhex(s: &str) -> Option<String> {
+    let s = s.trim();
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
 }
 
 /// Whether this kernel can create a MACsec link: tried in a throw-away namespace.
@@ -150,4 +163,16 @@ fn which(prog: &str) -> Option<PathBuf> {
         dirs.push(PathBuf::from(home).join(".cargo/bin"));
     }
     dirs.into_iter().map(|d| d.join(prog)).find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unhex;
+
+    #[test]
+    fn unhex_decodes_the_vm_summary() {
+        assert_eq!(unhex("7b2261223a317d").as_deref(), Some("{\"a\":1}"));
+        assert_eq!(unhex("7b2"), None);
+        assert_eq!(unhex("zz"), None);
+    }
 }
