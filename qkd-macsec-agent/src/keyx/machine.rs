@@ -302,7 +302,9 @@ impl Keyx {
 
     // ---------------- master ----------------
 
-    /// Master: deliver a key just fetched with `enc_keys` (at `fetched_at`).
+    /// Master: deliver a key just fetched with `enc_keys` (at `fetched_at`). The master gives
+    /// up on it at `fetched_at + availability_window`, or earlier at `slave_deadline` when the
+    /// KME said when it drops the key.
     pub fn announce(
         &mut self,
         key_id: KeyId,
@@ -310,6 +312,7 @@ impl Keyx {
         kn: u32,
         key: SecretBytes,
         fetched_at: Instant,
+        slave_deadline: Option<Instant>,
         now: Instant,
     ) -> Result<(), KeyxError> {
         self.require(Role::Master)?;
@@ -320,12 +323,9 @@ impl Keyx {
         self.add_ick(ick);
         self.pending_keys.insert(key_id, (role, kn, key));
         let body = Body::Announce { key_id, role, kn };
-        self.start(
-            Req::Announce(key_id),
-            body,
-            fetched_at + self.cfg.availability_window,
-            now,
-        );
+        let window_end = fetched_at + self.cfg.availability_window;
+        let deadline = slave_deadline.map_or(window_end, |d| d.min(window_end));
+        self.start(Req::Announce(key_id), body, deadline, now);
         Ok(())
     }
 
@@ -473,15 +473,17 @@ impl Keyx {
         }
     }
 
-    /// A payload from the peer's TLV.
-    pub fn handle_payload(&mut self, payload: &[u8], now: Instant) {
+    /// A payload from the peer's TLV. Returns true when it was authenticated by a key both
+    /// ends hold, was fresh and came from the peer (the caller may then trust the frame's
+    /// source address, e.g. to learn the peer's SCI).
+    pub fn handle_payload(&mut self, payload: &[u8], now: Instant) -> bool {
         self.stats.received += 1;
         let msg = match Message::decode(payload) {
             Ok(m) => m,
             Err(e) => {
                 self.stats.malformed += 1;
                 tracing::debug!(error = %e, "dropping malformed key-exchange payload");
-                return;
+                return false;
             }
         };
         // Authentication first: it decides whether the rate limit applies.
@@ -492,7 +494,7 @@ impl Keyx {
                     self.stats.bad_tag += 1;
                     self.limited(now);
                     tracing::debug!(auth = %k, "dropping key-exchange message with a bad tag");
-                    return;
+                    return false;
                 }
                 // A key we do not know: the peer restarted with a different anchor, or we
                 // did. Not proof of anything, so it is treated as unauthenticated (which still
@@ -505,17 +507,17 @@ impl Keyx {
             None => false,
         };
         if !authenticated && !self.limited(now) {
-            return;
+            return false;
         }
         if msg.sender != self.cfg.peer_sae {
             self.stats.wrong_sender += 1;
             tracing::debug!(sender = %msg.sender, "dropping key-exchange message from an unexpected SAE");
-            return;
+            return false;
         }
         if let (true, Some(k)) = (authenticated, msg.auth) {
             if !self.windows.entry(k).or_default().accept(msg.seq) {
                 self.stats.replayed += 1;
-                return;
+                return false;
             }
         }
         match (self.cfg.role, msg.body) {
@@ -559,8 +561,12 @@ impl Keyx {
             ) => {
                 self.on_install(key_id, role, kn, an, nonce, msg.auth);
             }
-            _ => self.stats.unexpected += 1,
+            _ => {
+                self.stats.unexpected += 1;
+                return false;
+            }
         }
+        authenticated
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {

@@ -47,7 +47,7 @@ fn types(ps: &[Vec<u8>]) -> Vec<MsgType> {
 
 fn deliver(ps: Vec<Vec<u8>>, to: &mut Keyx, now: Instant) {
     for p in ps {
-        to.handle_payload(&p, now);
+        let _ = to.handle_payload(&p, now);
     }
 }
 
@@ -91,7 +91,7 @@ fn slave_fetches(
 
 /// Delivers key `n` from master to slave over a perfect channel.
 fn deliver_key(m: &mut Keyx, s: &mut Keyx, n: u8, now: Instant) {
-    m.announce(kid(n), KeyRole::Sak, u32::from(n), key(n), now, now)
+    m.announce(kid(n), KeyRole::Sak, u32::from(n), key(n), now, None, now)
         .unwrap();
     deliver(out(m), s, now);
     let ev = slave_fetches(s, |_| Ok(key(n)));
@@ -111,7 +111,8 @@ fn deliver_key(m: &mut Keyx, s: &mut Keyx, n: u8, now: Instant) {
 fn bootstrap_delivery_and_install() {
     let t = Instant::now();
     let (mut m, mut s) = pair(t);
-    m.announce(kid(1), KeyRole::Sak, 1, key(1), t, t).unwrap();
+    m.announce(kid(1), KeyRole::Sak, 1, key(1), t, None, t)
+        .unwrap();
     let a = out(&mut m);
     // The first announce cannot be authenticated: nothing is shared yet.
     assert_eq!(Message::decode(&a[0]).unwrap().auth, None);
@@ -181,7 +182,8 @@ fn bootstrap_delivery_and_install() {
         }]
     );
     // Later announces are authenticated under the anchor.
-    m.announce(kid(2), KeyRole::Sak, 2, key(2), t, t).unwrap();
+    m.announce(kid(2), KeyRole::Sak, 2, key(2), t, None, t)
+        .unwrap();
     assert_eq!(Message::decode(&out(&mut m)[0]).unwrap().auth, Some(kid(1)));
 }
 
@@ -189,7 +191,8 @@ fn bootstrap_delivery_and_install() {
 fn retransmission_backs_off_and_gives_up_at_the_availability_window() {
     let t0 = Instant::now();
     let (mut m, _s) = pair(t0);
-    m.announce(kid(1), KeyRole::Sak, 1, key(1), t0, t0).unwrap();
+    m.announce(kid(1), KeyRole::Sak, 1, key(1), t0, None, t0)
+        .unwrap();
     assert_eq!(out(&mut m).len(), 1);
     let mut t = t0;
     let mut gaps = Vec::new();
@@ -224,7 +227,7 @@ fn retransmission_backs_off_and_gives_up_at_the_availability_window() {
     );
     // The lost key is never announced again; retransmission stopped.
     assert_eq!(
-        m.announce(kid(1), KeyRole::Sak, 1, key(1), t, t),
+        m.announce(kid(1), KeyRole::Sak, 1, key(1), t, None, t),
         Err(KeyxError::Duplicate(kid(1)))
     );
     m.handle_timeout(t0 + Duration::from_secs(20));
@@ -232,10 +235,43 @@ fn retransmission_backs_off_and_gives_up_at_the_availability_window() {
 }
 
 #[test]
+fn kme_deadline_shortens_the_window() {
+    let t0 = Instant::now();
+    let (mut m, _s) = pair(t0);
+    m.announce(
+        kid(1),
+        KeyRole::Sak,
+        1,
+        key(1),
+        t0,
+        Some(t0 + Duration::from_secs(3)),
+        t0,
+    )
+    .unwrap();
+    while let Some(t) = m.poll_timeout() {
+        m.handle_timeout(t);
+        let ev = events(&mut m);
+        if !ev.is_empty() {
+            assert_eq!(t, t0 + Duration::from_secs(3));
+            assert_eq!(
+                ev,
+                vec![Event::KeyLost {
+                    key_id: kid(1),
+                    reason: LostReason::Timeout
+                }]
+            );
+            return;
+        }
+    }
+    panic!("never gave up");
+}
+
+#[test]
 fn lost_first_announce_is_recovered_by_retransmission_with_a_new_sequence_number() {
     let t0 = Instant::now();
     let (mut m, mut s) = pair(t0);
-    m.announce(kid(1), KeyRole::Sak, 1, key(1), t0, t0).unwrap();
+    m.announce(kid(1), KeyRole::Sak, 1, key(1), t0, None, t0)
+        .unwrap();
     let first = out(&mut m);
     let t1 = t0 + 250 * MS;
     m.handle_timeout(t1);
@@ -260,7 +296,8 @@ fn lost_first_announce_is_recovered_by_retransmission_with_a_new_sequence_number
 fn key_gone_makes_the_master_drop_the_key() {
     let t = Instant::now();
     let (mut m, mut s) = pair(t);
-    m.announce(kid(1), KeyRole::Sak, 1, key(1), t, t).unwrap();
+    m.announce(kid(1), KeyRole::Sak, 1, key(1), t, None, t)
+        .unwrap();
     deliver(out(&mut m), &mut s, t);
     slave_fetches(&mut s, |_| Err(NackReason::KeyGone));
     deliver(out(&mut s), &mut m, t);
@@ -279,7 +316,8 @@ fn key_gone_makes_the_master_drop_the_key() {
 fn kme_unavailable_keeps_the_key_and_retries() {
     let t = Instant::now();
     let (mut m, mut s) = pair(t);
-    m.announce(kid(1), KeyRole::Sak, 1, key(1), t, t).unwrap();
+    m.announce(kid(1), KeyRole::Sak, 1, key(1), t, None, t)
+        .unwrap();
     deliver(out(&mut m), &mut s, t);
     slave_fetches(&mut s, |_| Err(NackReason::KmeUnavailable));
     deliver(out(&mut s), &mut m, t);
@@ -307,7 +345,7 @@ fn forged_and_tampered_installs_do_nothing() {
     for i in 0..genuine.len() {
         let mut p = genuine.clone();
         p[i] ^= 0x80;
-        s.handle_payload(&p, t);
+        let _ = s.handle_payload(&p, t);
     }
     assert!(events(&mut s).is_empty());
     assert!(s.stats().bad_tag + s.stats().malformed > 0);
@@ -325,14 +363,14 @@ fn forged_and_tampered_installs_do_nothing() {
             nonce: None,
         },
     };
-    s.handle_payload(&forged.encode(None).unwrap(), t);
+    let _ = s.handle_payload(&forged.encode(None).unwrap(), t);
     // One tagged under a key the attacker invented: not known, treated as unauthenticated.
     let fake = Ick::derive(&key(66), kid(66), "SAE_A", "SAE_B").unwrap();
     let forged2 = Message {
         auth: Some(kid(66)),
         ..forged.clone()
     };
-    s.handle_payload(&forged2.encode(Some(&fake)).unwrap(), t);
+    let _ = s.handle_payload(&forged2.encode(Some(&fake)).unwrap(), t);
     // One tagged under a different *known* key (the slave holds key 2 too): not proof of key 1.
     deliver_key(&mut m, &mut s, 2, t);
     let other = Message {
@@ -340,11 +378,11 @@ fn forged_and_tampered_installs_do_nothing() {
         ..forged
     };
     let ick2 = Ick::derive(&key(2), kid(2), "SAE_A", "SAE_B").unwrap();
-    s.handle_payload(&other.encode(Some(&ick2)).unwrap(), t);
+    let _ = s.handle_payload(&other.encode(Some(&ick2)).unwrap(), t);
     assert!(events(&mut s).is_empty());
 
     // The genuine one still works.
-    s.handle_payload(&genuine, t);
+    let _ = s.handle_payload(&genuine, t);
     assert!(matches!(
         events(&mut s).as_slice(),
         [Event::InstallRequested { an: 2, .. }]
@@ -390,7 +428,7 @@ fn replayed_install_is_dropped_and_retired_keys_are_refused() {
             nonce: None,
         },
     };
-    s.handle_payload(&again.encode(Some(&ick1)).unwrap(), t);
+    let _ = s.handle_payload(&again.encode(Some(&ick1)).unwrap(), t);
     assert!(events(&mut s).is_empty());
     let nack = out(&mut s);
     assert!(matches!(
@@ -411,7 +449,7 @@ fn replayed_install_is_dropped_and_retired_keys_are_refused() {
             kn: 1,
         },
     };
-    s.handle_payload(&ann.encode(None).unwrap(), t + Duration::from_secs(1));
+    let _ = s.handle_payload(&ann.encode(None).unwrap(), t + Duration::from_secs(1));
     assert!(events(&mut s).is_empty());
 }
 
@@ -507,7 +545,8 @@ fn unauthenticated_nack_is_ignored_once_a_secret_is_shared() {
     let t = Instant::now();
     let (mut m, mut s) = pair(t);
     deliver_key(&mut m, &mut s, 1, t);
-    m.announce(kid(2), KeyRole::Sak, 2, key(2), t, t).unwrap();
+    m.announce(kid(2), KeyRole::Sak, 2, key(2), t, None, t)
+        .unwrap();
     out(&mut m);
     let forged = Message {
         seq: 1,
@@ -520,7 +559,7 @@ fn unauthenticated_nack_is_ignored_once_a_secret_is_shared() {
             reason: NackReason::KeyGone,
         },
     };
-    m.handle_payload(&forged.encode(None).unwrap(), t);
+    let _ = m.handle_payload(&forged.encode(None).unwrap(), t);
     assert!(
         events(&mut m).is_empty(),
         "the pending key survives a forged refusal"
@@ -541,14 +580,14 @@ fn wrong_sender_and_role_confusion_are_dropped() {
             kn: 1,
         },
     };
-    s.handle_payload(&ann.encode(None).unwrap(), t);
+    let _ = s.handle_payload(&ann.encode(None).unwrap(), t);
     assert_eq!(s.stats().wrong_sender, 1);
     // The master does not act on ANNOUNCE (reflection of its own message with the peer's name).
     let refl = Message {
         sender: "SAE_B".into(),
         ..ann
     };
-    m.handle_payload(&refl.encode(None).unwrap(), t);
+    let _ = m.handle_payload(&refl.encode(None).unwrap(), t);
     assert_eq!(m.stats().unexpected, 1);
     assert!(events(&mut m).is_empty() && events(&mut s).is_empty());
     assert_eq!(
@@ -560,7 +599,7 @@ fn wrong_sender_and_role_confusion_are_dropped() {
         Err(KeyxError::WrongRole(Role::Master))
     );
     assert_eq!(
-        s.announce(kid(1), KeyRole::Sak, 1, key(1), t, t),
+        s.announce(kid(1), KeyRole::Sak, 1, key(1), t, None, t),
         Err(KeyxError::WrongRole(Role::Slave))
     );
     assert_eq!(
@@ -568,7 +607,15 @@ fn wrong_sender_and_role_confusion_are_dropped() {
         Err(KeyxError::NotConfirmed(kid(9)))
     );
     assert!(matches!(
-        m.announce(kid(5), KeyRole::Sak, 1, SecretBytes::new(vec![1; 20]), t, t),
+        m.announce(
+            kid(5),
+            KeyRole::Sak,
+            1,
+            SecretBytes::new(vec![1; 20]),
+            t,
+            None,
+            t
+        ),
         Err(KeyxError::KeyLength { len: 20, .. })
     ));
 }
@@ -592,7 +639,7 @@ fn flood_is_rate_limited_but_genuine_messages_get_through() {
                 kn: i,
             },
         };
-        s.handle_payload(&p.encode(None).unwrap(), t + MS * i);
+        let _ = s.handle_payload(&p.encode(None).unwrap(), t + MS * i);
     }
     let fetches = events(&mut s)
         .into_iter()
@@ -708,7 +755,7 @@ proptest! {
         let mut received = None;
         let mut installs = 0;
         let mut peer_installed = false;
-        m.announce(kid(1), KeyRole::Sak, 1, key(1), t0, t0).unwrap();
+        m.announce(kid(1), KeyRole::Sak, 1, key(1), t0, None, t0).unwrap();
         for _step in 0..400 {
             // Move both directions through the channel.
             let mut batch: Vec<(bool, Vec<u8>)> = out(&mut m).into_iter().map(|p| (true, p)).collect();
@@ -729,7 +776,7 @@ proptest! {
                     Fate::Delay => { delayed.push((to_slave, p)); continue; }
                 };
                 for _ in 0..copies {
-                    if to_slave { s.handle_payload(&p, now); } else { m.handle_payload(&p, now); }
+                    if to_slave { let _ = s.handle_payload(&p, now); } else { let _ = m.handle_payload(&p, now); }
                 }
             }
             for e in events(&mut s) {
