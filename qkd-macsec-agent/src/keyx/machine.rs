@@ -305,6 +305,10 @@ impl Keyx {
     /// Master: deliver a key just fetched with `enc_keys` (at `fetched_at`). The master gives
     /// up on it at `fetched_at + availability_window`, or earlier at `slave_deadline` when the
     /// KME said when it drops the key.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "each is a distinct fact about the fetched key; a one-use struct adds nothing"
+    )]
     pub fn announce(
         &mut self,
         key_id: KeyId,
