@@ -2,3 +2,4 @@
 //! the real KME client, kernel MACsec, the eBPF data plane and LLDP ([`run`]).
 
 pub mod core;
+pub mod run;
