@@ -326,15 +326,16 @@ impl Testbed {
             String::from_utf8_lossy(&out.stderr).trim()
         );
 
+        // A private bpffs: `ip netns exec` remounts /sys for the command it starts, which hides
+        // /sys/fs/bpf from the agents. Unmounting it on drop removes every pin they left.
+        let bpffs = dir.join("bpffs");
+        fs::create_dir_all(&bpffs).expect("bpffs mount point");
+        crate::run(&["mount", "-t", "bpf", "bpf", &bpffs.to_string_lossy()]);
         let files = [Side::A, Side::B].map(|s| GatewayFiles {
             config: dir.join(format!("{}.toml", s.label())),
             log: dir.join(format!("{}.log", s.label())),
             status_socket: dir.join(format!("{}.status.sock", s.label())),
-            bpffs_pin_dir: PathBuf::from(format!(
-                "/sys/fs/bpf/qkd-{prefix}-{}-{n}-{}",
-                std::process::id(),
-                s.label()
-            )),
+            bpffs_pin_dir: bpffs.join(s.label()),
         });
         let mut bed = Testbed {
             dir,
@@ -638,10 +639,8 @@ impl Drop for Testbed {
             let _ = k.kill();
             let _ = k.wait();
         }
-        for f in &self.files {
-            // Pins outlive the agent by design (restart without a gap); the testbed is done.
-            let _ = fs::remove_dir_all(&f.bpffs_pin_dir);
-        }
+        // Pins outlive the agent by design (restart without a gap); the testbed is done.
+        let _ = crate::try_run(&["umount", "-l", &self.dir.join("bpffs").to_string_lossy()]);
         if self.keep_dir {
             eprintln!("testbed files kept in {}", self.dir.display());
         } else {
