@@ -302,6 +302,18 @@ impl Testbed {
                 for p in ["pa", "pb", "pe"] {
                     wire.ip(&["link", "set", p, "master", "br0"]);
                 }
+                // Eve replays frames with the gateways' source MACs: without this the bridge
+                // would learn those MACs on her port and misdirect the gateways' traffic, which
+                // tests the bridge rather than the agents.
+                wire.ip(&[
+                    "link",
+                    "set",
+                    "pe",
+                    "type",
+                    "bridge_slave",
+                    "learning",
+                    "off",
+                ]);
                 (Some(wire), Some(eve))
             }
         };
@@ -750,14 +762,17 @@ impl LinkView {
         self.operational && self.encrypt && self.tx_active && self.rx_active_sas > 0
     }
 
-    /// First 8 hex digits of the TX key id, for display.
+    /// The TX key id shortened for display: first and last 4 bytes. The last 4 matter: in the
+    /// cak profile the kernel key id is MKA-style (12-byte member id, then the 4-byte KN).
     pub fn tx_key_short(&self) -> String {
-        self.tx_key.map_or("-".into(), |k| hex8(&k))
+        self.tx_key.map_or("-".into(), |k| key_short(&k))
     }
 }
 
-pub fn hex8(k: &[u8; 16]) -> String {
-    k[..4].iter().map(|b| format!("{b:02x}")).collect()
+/// `aabbccdd..eeff0011`: first and last 4 bytes of a 16-byte key id.
+pub fn key_short(k: &[u8; 16]) -> String {
+    let h = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    format!("{}..{}", h(&k[..4]), h(&k[12..]))
 }
 
 /// A timestamped change seen by the [`Monitor`].
@@ -1435,7 +1450,8 @@ impl Running {
 
     /// Rollovers counted so far, the lower of the two sides.
     pub fn rollovers(&self) -> u64 {
-        self.monitor.snapshot(|s| s.rollovers[0].min(s.rollovers[1]))
+        self.monitor
+            .snapshot(|s| s.rollovers[0].min(s.rollovers[1]))
     }
 
     /// Waits until `cond` holds on the monitor state, checking the agents stay alive; panics
@@ -1455,7 +1471,8 @@ impl Running {
             assert!(
                 Instant::now() < deadline,
                 "{what}: not reached within {timeout:?}; monitor: {:?}\n{}",
-                self.monitor.snapshot(|s| (s.latest.clone(), s.rollovers, s.changes.len())),
+                self.monitor
+                    .snapshot(|s| (s.latest.clone(), s.rollovers, s.changes.len())),
                 self.bed.logs_tail(40)
             );
             std::thread::sleep(Duration::from_millis(20));
