@@ -539,7 +539,8 @@ fn build_initramfs(
         .ok_or_else(|| anyhow!("busybox not found: install busybox-static"))?;
     let order = module_load_order(&image.module_tree, VM_MODULES)?;
     let dir = cache.join(version);
-    let staging = dir.join("initramfs.staging");
+    // Per-process names: two concurrent runs may both find the image stale.
+    let staging = dir.join(format!("initramfs.staging.{}", std::process::id()));
     if staging.exists() {
         fs::remove_dir_all(&staging)?;
     }
@@ -560,7 +561,9 @@ fn build_initramfs(
     set_mode(&init, 0o755)?;
     set_mode(&staging.join("bin/busybox"), 0o755)?;
     // `cpio` itself is not installed on Debian by default; busybox's works.
-    let tmp_out = image.initramfs.with_extension("cpio.tmp");
+    let tmp_out = image
+        .initramfs
+        .with_extension(format!("cpio.tmp.{}", std::process::id()));
     let script = format!(
         "cd {} && find . | {} cpio -o -H newc > {}",
         util::sh_quote(&staging.to_string_lossy()),
@@ -572,7 +575,8 @@ fn build_initramfs(
     for e in fs::read_dir(&dir)?.flatten() {
         let name = e.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with("initramfs-") && name.ends_with(".cpio") {
+        if name.starts_with("initramfs-") && name.ends_with(".cpio") && e.path() != image.initramfs
+        {
             fs::remove_file(e.path())?;
         }
     }
