@@ -165,3 +165,27 @@ pub fn sae_identity(cert: &CertificateDer<'_>) -> Option<String> {
         _ => None,
     })
 }
+
+/// The rustls error somewhere in an error chain. io::Error needs unwrapping by hand: its
+/// `source()` skips the error it wraps (and tokio-rustls nests io::Errors).
+pub fn find_rustls_error<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a rustls::Error> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if let Some(r) = c.downcast_ref::<rustls::Error>() {
+            return Some(r);
+        }
+        if let Some(inner) = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            let inner: &(dyn std::error::Error + 'static) = inner;
+            if let Some(r) = find_rustls_error(inner) {
+                return Some(r);
+            }
+        }
+        cur = c.source();
+    }
+    None
+}
