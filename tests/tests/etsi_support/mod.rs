@@ -266,3 +266,19 @@ pub fn http(status: u16, content_type: &str, body: &str) -> Vec<u8> {
     )
     .into_bytes()
 }
+
+/// The built `qkd-macsec-agent` binary next to this test binary (fails loudly if absent).
+pub fn agent_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let mut dir = exe.parent().unwrap().to_path_buf();
+    if dir.file_name() == Some(std::ffi::OsStr::new("deps")) {
+        dir = dir.parent().unwrap().to_path_buf();
+    }
+    let bin = dir.join("qkd-macsec-agent");
+    assert!(
+        bin.is_file(),
+        "agent binary {} not built; run `cargo build -p qkd-macsec-agent` first (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
