@@ -16,7 +16,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const ENC: &str = "/api/v1/keys/sae-b/enc_keys";
 const DEC: &str = "/api/v1/keys/sae-a/dec_keys";
 
-#[expect(clippy::too_many_arguments, reason = "a test table row: request and expected answer")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "a test table row: request and expected answer"
+)]
 async fn expect_error(
     s: &Sim,
     sae: &str,

@@ -340,3 +340,28 @@ impl KmeSim {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_validation_names_the_bad_value() {
+        assert!(SimConfig::default().validate().is_ok());
+        let cases: Vec<(Box<dyn Fn(&mut SimConfig)>, &str)> = vec![
+            (Box::new(|c| c.link.key_size = 100), "100"),
+            (Box::new(|c| c.link.key_size = 8192), "8192"),
+            (Box::new(|c| c.link.key_rate = f64::NAN), "key rate"),
+            (Box::new(|c| c.link.qber = 2.0), "QBER"),
+            (Box::new(|c| c.max_key_per_request = 0), "at least 1"),
+            (Box::new(|c| c.saes_b = vec![]), "at least one SAE"),
+            (Box::new(|c| c.saes_b = vec!["sae-a".into()]), "sae-a"),
+        ];
+        for (f, needle) in cases {
+            let mut c = SimConfig::default();
+            f(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(needle), "{e} lacks {needle}");
+        }
+    }
+}
