@@ -19,6 +19,49 @@ struct Cli {
 enum Command {
     /// Print the size of the embedded eBPF object (a quick build sanity check).
     EbpfInfo,
+    /// Benchmark MACsec rollovers through netlink against `ip macsec` (root, kernel with MACsec;
+    /// run in the test VM). Prints one flat JSON object on stdout.
+    #[command(hide = true)]
+    BenchMacsec {
+        /// Rollovers through this layer (each rolls both directions).
+        #[arg(long, default_value_t = 200)]
+        rollovers: usize,
+        /// Rollovers through `ip macsec` for the baseline.
+        #[arg(long, default_value_t = 20)]
+        cli_rollovers: usize,
+        /// Grace period in ms between switching TX and retiring the old SA.
+        #[arg(long, default_value_t = 30)]
+        grace_ms: u64,
+        /// Cipher suite (gcm-aes-128, gcm-aes-256, gcm-aes-xpn-128, gcm-aes-xpn-256).
+        #[arg(long, default_value = "gcm-aes-256")]
+        cipher: String,
+        /// Also merge the numbers into this JSON file (e.g. target/bench/results.json).
+        #[arg(long)]
+        merge_into: Option<std::path::PathBuf>,
+    },
+    /// Test helper: attach the data plane to IFACE, optionally stall, print `ready`, sleep.
+    #[command(hide = true)]
+    DataplaneHold {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, default_value = "/sys/fs/bpf/qkd-macsec")]
+        bpffs_root: std::path::PathBuf,
+        #[arg(long)]
+        stall: bool,
+    },
+    /// Benchmark `ebpf`: per-packet cost of the XDP/TC programs (BPF_PROG_TEST_RUN).
+    #[command(hide = true)]
+    BenchEbpf {
+        /// Flat JSON object to merge the results into.
+        #[arg(long, default_value = "target/bench/results.json")]
+        out: std::path::PathBuf,
+        /// Program runs per measurement.
+        #[arg(long, default_value_t = 5_000_000)]
+        repeat: u32,
+        /// Interleaved rounds (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// Run a pair of simulated ETSI GS QKD 014 KMEs sharing one simulated QKD link.
     KmeSim(kmesim::cli::SimArgs),
     /// Show or change a running KME simulator's knobs and faults.
@@ -80,5 +123,40 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::BenchKme(a) => kmesim::bench::run(a),
+        Command::DataplaneHold {
+            iface,
+            bpffs_root,
+            stall,
+        } => Ok(qkd_macsec_agent::dataplane::tool::hold(
+            &iface,
+            &bpffs_root,
+            stall,
+        )?),
+        Command::BenchEbpf {
+            out,
+            repeat,
+            rounds,
+        } => Ok(qkd_macsec_agent::dataplane::tool::bench(
+            &out, repeat, rounds,
+        )?),
+        Command::BenchMacsec {
+            rollovers,
+            cli_rollovers,
+            grace_ms,
+            cipher,
+            merge_into,
+        } => {
+            let opts = qkd_macsec_agent::macsec::BenchOptions {
+                rollovers,
+                cli_rollovers,
+                grace: std::time::Duration::from_millis(grace_ms),
+                cipher: cipher.parse()?,
+                merge_into,
+                ..Default::default()
+            };
+            let out = qkd_macsec_agent::macsec::run_bench(&opts)?;
+            println!("{}", serde_json::Value::Object(out));
+            Ok(())
+        }
     }
 }
