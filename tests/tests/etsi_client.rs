@@ -486,3 +486,18 @@ async fn keys_never_appear_in_debug_output() {
     assert!(!dbg.contains(&hex) && !dbg.contains(&b64), "{dbg}");
     assert!(dbg.contains("redacted"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_reused() {
+    let s = start_sim(test_config()).await;
+    let (a, b) = (s.client_a(), s.client_b());
+    for _ in 0..20 {
+        let k = a.enc_keys(files::SAE_B, 1, None).await.unwrap();
+        b.dec_key(files::SAE_A, k[0].id, None).await.unwrap();
+    }
+    let st = s.sim.control().state();
+    assert_eq!(st.answered_200, 40);
+    // 40 requests; without reuse that would be 40 handshakes. hyper may open one spare
+    // connection when a request starts before the previous one went back to the pool.
+    assert!(st.connections <= 4, "connections not reused: {st:?}");
+}

@@ -193,6 +193,8 @@ pub(crate) struct Shared {
     pub faults: [Mutex<Faults>; 2],
     pub drop_epoch: [watch::Sender<u64>; 2],
     pub answered: Answered,
+    /// TLS connections accepted (handshake completed), both KMEs.
+    pub connections: AtomicU64,
 }
 
 impl Shared {
@@ -283,6 +285,7 @@ impl KmeSim {
             faults: Default::default(),
             drop_epoch: [watch::channel(0).0, watch::channel(0).0],
             answered: Answered::default(),
+            connections: AtomicU64::new(0),
         });
         let (shutdown, _) = watch::channel(false);
         let mut tasks = vec![
