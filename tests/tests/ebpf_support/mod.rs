@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use qkd_macsec_agent::dataplane::{Dataplane, DataplaneOptions, Sci};
 use qkd_macsec_agent::lldp::LldpSender;
 mod local;
+#[allow(unused_imports, reason = "each test binary uses a different subset")]
 pub use local::{agent_bin, require_root, veth_pair, Mac, NetNs, NetNsEnter};
 
 /// Interface names inside the rig's namespaces.
@@ -187,7 +188,7 @@ impl Capture {
                 std::thread::sleep(Duration::from_millis(5));
                 continue;
             }
-            if pkttype == libc::PACKET_OUTGOING as u8 {
+            if pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
             out.push(buf[..n as usize].to_vec());
