@@ -2,6 +2,7 @@
 //! this file only parses arguments, sets up logging and dispatches.
 
 use clap::{Parser, Subcommand};
+use qkd_macsec_agent::{certs, etsi014, kmesim};
 
 #[derive(Parser)]
 #[command(
@@ -18,6 +19,26 @@ struct Cli {
 enum Command {
     /// Print the size of the embedded eBPF object (a quick build sanity check).
     EbpfInfo,
+    /// Benchmark MACsec rollovers through netlink against `ip macsec` (root, kernel with MACsec;
+    /// run in the test VM). Prints one flat JSON object on stdout.
+    #[command(hide = true)]
+    BenchMacsec {
+        /// Rollovers through this layer (each rolls both directions).
+        #[arg(long, default_value_t = 200)]
+        rollovers: usize,
+        /// Rollovers through `ip macsec` for the baseline.
+        #[arg(long, default_value_t = 20)]
+        cli_rollovers: usize,
+        /// Grace period in ms between switching TX and retiring the old SA.
+        #[arg(long, default_value_t = 30)]
+        grace_ms: u64,
+        /// Cipher suite (gcm-aes-128, gcm-aes-256, gcm-aes-xpn-128, gcm-aes-xpn-256).
+        #[arg(long, default_value = "gcm-aes-256")]
+        cipher: String,
+        /// Also merge the numbers into this JSON file (e.g. target/bench/results.json).
+        #[arg(long)]
+        merge_into: Option<std::path::PathBuf>,
+    },
     /// Test helper: attach the data plane to IFACE, optionally stall, print `ready`, sleep.
     #[command(hide = true)]
     DataplaneHold {
@@ -41,6 +62,34 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
+    /// Run a pair of simulated ETSI GS QKD 014 KMEs sharing one simulated QKD link.
+    KmeSim(kmesim::cli::SimArgs),
+    /// Show or change a running KME simulator's knobs and faults.
+    KmeSimCtl(kmesim::cli::CtlArgs),
+    /// Talk to a KME over ETSI GS QKD 014 (JSON output).
+    Kme {
+        #[command(subcommand)]
+        cmd: etsi014::cli::KmeCmd,
+    },
+    /// Create certificates for the ETSI 014 interface.
+    Certs {
+        #[command(subcommand)]
+        cmd: certs::CertsCmd,
+    },
+    /// Diagnose a setup and explain what is wrong.
+    Doctor {
+        #[command(subcommand)]
+        cmd: DoctorCmd,
+    },
+    /// Benchmark the ETSI 014 client against the KME simulator (used by `cargo xtask bench`).
+    #[command(hide = true)]
+    BenchKme(kmesim::bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum DoctorCmd {
+    /// Connect to a KME as an SAE would and explain any failure.
+    Kme(certs::doctor::DoctorKmeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,6 +109,20 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::KmeSim(a) => kmesim::cli::run_sim(a),
+        Command::KmeSimCtl(a) => kmesim::cli::run_ctl(a),
+        Command::Kme { cmd } => etsi014::cli::run(cmd),
+        Command::Certs { cmd } => certs::run(cmd),
+        Command::Doctor {
+            cmd: DoctorCmd::Kme(a),
+        } => {
+            if certs::doctor::run(a)? {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
+        Command::BenchKme(a) => kmesim::bench::run(a),
         Command::DataplaneHold {
             iface,
             bpffs_root,
@@ -76,5 +139,24 @@ fn main() -> anyhow::Result<()> {
         } => Ok(qkd_macsec_agent::dataplane::tool::bench(
             &out, repeat, rounds,
         )?),
+        Command::BenchMacsec {
+            rollovers,
+            cli_rollovers,
+            grace_ms,
+            cipher,
+            merge_into,
+        } => {
+            let opts = qkd_macsec_agent::macsec::BenchOptions {
+                rollovers,
+                cli_rollovers,
+                grace: std::time::Duration::from_millis(grace_ms),
+                cipher: cipher.parse()?,
+                merge_into,
+                ..Default::default()
+            };
+            let out = qkd_macsec_agent::macsec::run_bench(&opts)?;
+            println!("{}", serde_json::Value::Object(out));
+            Ok(())
+        }
     }
 }
