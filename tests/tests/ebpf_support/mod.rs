@@ -12,9 +12,8 @@ use std::time::{Duration, Instant};
 
 use qkd_macsec_agent::dataplane::{Dataplane, DataplaneOptions, Sci};
 use qkd_macsec_agent::lldp::LldpSender;
-mod local;
 #[allow(unused_imports, reason = "each test binary uses a different subset")]
-pub use local::{agent_bin, require_root, veth_pair, Mac, NetNs, NetNsEnter};
+pub use qkd_macsec_tests::{agent_bin, require_root, veth_pair, Mac, NetNs, NetNsEnter};
 
 /// Interface names inside the rig's namespaces.
 pub const A_IF: &str = "qa0";
