@@ -30,7 +30,23 @@ pub enum Where {
 /// The benchmark jobs of one area. Empty until the area's owner adds them.
 fn area_jobs(area: &str) -> Vec<Where> {
     match area {
-        "kme" | "macsec" | "ebpf" | "agent" => Vec::new(),
+        // BPF_PROG_TEST_RUN on the host kernel: the programs' per-packet cost against a trivial
+        // XDP/TC program of the same object in the same run. The agent's build profile does not
+        // matter (the kernel runs and times the programs).
+        "ebpf" => vec![Where::Host(
+            [
+                "cargo",
+                "run",
+                "--quiet",
+                "-p",
+                "qkd-macsec-agent",
+                "--",
+                "bench-ebpf",
+            ]
+            .map(String::from)
+            .to_vec(),
+        )],
+        "kme" | "macsec" | "agent" => Vec::new(),
         _ => Vec::new(),
     }
 }
