@@ -257,3 +257,28 @@ fn netlink_tc_and_generic_xdp_restart_without_double_attachment() {
     let text = String::from_utf8_lossy(&filters.stdout);
     assert!(!text.contains("qkd_tc"), "filter removed: {text}");
 }
+
+/// The agent dies, the interface is deleted and created again under the same name: the pinned
+/// links point at a device that is gone. The restarted loader replaces those stale pins, keeps the
+/// pinned maps (the stall carries over to the new interface) and enforces it there.
+#[test]
+fn restart_after_the_interface_was_recreated_keeps_the_stall() {
+    let rig = Rig::new("recr");
+    let _in_a = rig.enter_a();
+    let mut dp = rig.attach();
+    dp.set_stall(true).unwrap();
+    drop(dp); // as if killed: pins stay
+    rig.a.exec(&["ip", "link", "del", A_IF]);
+    let pair = veth_pair(&rig.a, A_IF, &rig.b, B_IF);
+    let dp = rig.attach();
+    assert!(dp.reopened() && dp.stall().unwrap());
+    let before = dp.if_counters().unwrap().rx_stall_drop.frames;
+    let from_b = rig.b_sender();
+    let cap_a = rig.a_capture();
+    from_b
+        .send_raw(&ipv4(pair.b_mac.0, pair.a_mac.0, b"recreated"))
+        .unwrap();
+    assert!(with_marker(&cap_a.collect(SETTLE), b"recreated").is_empty());
+    assert_eq!(dp.if_counters().unwrap().rx_stall_drop.frames, before + 1);
+    dp.shutdown(false).unwrap();
+}
