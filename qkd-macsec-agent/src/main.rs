@@ -2,6 +2,7 @@
 //! this file only parses arguments, sets up logging and dispatches.
 
 use clap::{Parser, Subcommand};
+use qkd_macsec_agent::{certs, etsi014, kmesim};
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +39,57 @@ enum Command {
         #[arg(long)]
         merge_into: Option<std::path::PathBuf>,
     },
+    /// Test helper: attach the data plane to IFACE, optionally stall, print `ready`, sleep.
+    #[command(hide = true)]
+    DataplaneHold {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, default_value = "/sys/fs/bpf/qkd-macsec")]
+        bpffs_root: std::path::PathBuf,
+        #[arg(long)]
+        stall: bool,
+    },
+    /// Benchmark `ebpf`: per-packet cost of the XDP/TC programs (BPF_PROG_TEST_RUN).
+    #[command(hide = true)]
+    BenchEbpf {
+        /// Flat JSON object to merge the results into.
+        #[arg(long, default_value = "target/bench/results.json")]
+        out: std::path::PathBuf,
+        /// Program runs per measurement.
+        #[arg(long, default_value_t = 5_000_000)]
+        repeat: u32,
+        /// Interleaved rounds (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
+    /// Run a pair of simulated ETSI GS QKD 014 KMEs sharing one simulated QKD link.
+    KmeSim(kmesim::cli::SimArgs),
+    /// Show or change a running KME simulator's knobs and faults.
+    KmeSimCtl(kmesim::cli::CtlArgs),
+    /// Talk to a KME over ETSI GS QKD 014 (JSON output).
+    Kme {
+        #[command(subcommand)]
+        cmd: etsi014::cli::KmeCmd,
+    },
+    /// Create certificates for the ETSI 014 interface.
+    Certs {
+        #[command(subcommand)]
+        cmd: certs::CertsCmd,
+    },
+    /// Diagnose a setup and explain what is wrong.
+    Doctor {
+        #[command(subcommand)]
+        cmd: DoctorCmd,
+    },
+    /// Benchmark the ETSI 014 client against the KME simulator (used by `cargo xtask bench`).
+    #[command(hide = true)]
+    BenchKme(kmesim::bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum DoctorCmd {
+    /// Connect to a KME as an SAE would and explain any failure.
+    Kme(certs::doctor::DoctorKmeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,6 +109,36 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::KmeSim(a) => kmesim::cli::run_sim(a),
+        Command::KmeSimCtl(a) => kmesim::cli::run_ctl(a),
+        Command::Kme { cmd } => etsi014::cli::run(cmd),
+        Command::Certs { cmd } => certs::run(cmd),
+        Command::Doctor {
+            cmd: DoctorCmd::Kme(a),
+        } => {
+            if certs::doctor::run(a)? {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
+        Command::BenchKme(a) => kmesim::bench::run(a),
+        Command::DataplaneHold {
+            iface,
+            bpffs_root,
+            stall,
+        } => Ok(qkd_macsec_agent::dataplane::tool::hold(
+            &iface,
+            &bpffs_root,
+            stall,
+        )?),
+        Command::BenchEbpf {
+            out,
+            repeat,
+            rounds,
+        } => Ok(qkd_macsec_agent::dataplane::tool::bench(
+            &out, repeat, rounds,
+        )?),
         Command::BenchMacsec {
             rollovers,
             cli_rollovers,

@@ -1,1 +1,100 @@
-fn main() {}
+//! Project automation: `cargo xtask <command>`.
+//!
+//! - `setup`: installs everything the project needs (apt packages, Rust toolchains, bpf-linker, the
+//!   VM kernel and initramfs). Idempotent; a second run takes seconds.
+//! - `vm-run`, `vm-runner`: run a command (or a cargo test binary) as root inside a qemu VM whose
+//!   kernel has MACsec.
+//! - `test`: every check, in order: fmt, clippy, unit tests, privileged host tests, VM tests.
+//! - `build-ebpf`: builds the eBPF object alone.
+//! - `bench <area>`: benchmarks, merged into target/bench/results.json.
+
+mod bench;
+mod setup;
+mod test;
+mod util;
+mod vm;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "qkd-macsec project automation")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install or check everything the project needs (apt packages, toolchains, bpf-linker, VM).
+    Setup {
+        /// Rebuild the VM initramfs even if it is up to date.
+        #[arg(long)]
+        force_initramfs: bool,
+    },
+    /// Boot the MACsec test VM and run CMD as root inside it; exits with CMD's status.
+    VmRun {
+        /// Directory to run CMD in (default: the current directory). The host's root filesystem is
+        /// visible read-only inside the VM, with a throw-away writable layer on top.
+        #[arg(long)]
+        cwd: Option<PathBuf>,
+        /// Extra environment variable for CMD (KEY=VALUE); may repeat.
+        #[arg(long = "env", value_name = "KEY=VALUE")]
+        envs: Vec<String>,
+        /// Give up after this many seconds (default 900, or QKD_MACSEC_VM_TIMEOUT).
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// The command and its arguments.
+        #[arg(required = true, last = true)]
+        cmd: Vec<String>,
+    },
+    /// Cargo runner: run a test binary inside the VM (set
+    /// CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER to "<path>/xtask vm-runner").
+    VmRunner {
+        /// The binary cargo built, then its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        cmd: Vec<String>,
+    },
+    /// Run every check: fmt, clippy, unit tests, host tests (root), VM tests.
+    Test {
+        /// Run only these stages (fmt, clippy, unit, host, vm); may repeat. Default: all.
+        #[arg(long = "only", value_name = "STAGE")]
+        only: Vec<test::Stage>,
+        /// Only test binaries whose name contains this text (host and VM stages).
+        #[arg(long)]
+        filter: Option<String>,
+    },
+    /// Build the eBPF object alone (release, bpfel-unknown-none, pinned nightly).
+    BuildEbpf,
+    /// Run the benchmarks of one area (kme, macsec, ebpf, agent) or `all`.
+    Bench {
+        /// kme, macsec, ebpf, agent or all.
+        area: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Setup { force_initramfs } => setup::run(setup::Options { force_initramfs }).map(|_| 0),
+        Cmd::VmRun {
+            cwd,
+            envs,
+            timeout,
+            cmd,
+        } => vm::vm_run(cwd, envs, timeout, cmd),
+        Cmd::VmRunner { cmd } => vm::vm_runner(cmd),
+        Cmd::Test { only, filter } => test::run(&only, filter.as_deref()).map(|_| 0),
+        Cmd::BuildEbpf => test::build_ebpf().map(|_| 0),
+        Cmd::Bench { area } => bench::run(&area).map(|_| 0),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,1 +1,791 @@
-//! See the crate documentation for what this module owns.
+//! The gateway configuration: one TOML file per gateway, one or more `[[link]]`s.
+//!
+//! Parsing is strict (`deny_unknown_fields` everywhere, so a typo is an error rather than a
+//! silently ignored option) and every semantic rule is checked once at load by [`Config::validate`],
+//! with messages that point at the field, e.g. `link[0].akl.warn_at: 0.95 must be below 1.0`.
+//! `docs/sample-config.toml` documents every option and its default; the tests load it.
+//!
+//! Paths (CA, certificate, key, bpffs) are checked only for shape here: whether the files exist
+//! and fit together is the job of `certs` (the `doctor` diagnostics) at startup, where the error
+//! can say more than "not found".
+
+mod duration;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use duration::{parse_duration, HumanDuration};
+
+/// What went wrong loading a config file. Every variant names the file or the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown field, a wrong type or an unparsable value. `field` is the path
+    /// of the offending field as far as the parser got (e.g. `link[0].cipher`).
+    #[error("{origin}: {field}: {message}")]
+    Parse {
+        origin: String,
+        field: String,
+        message: String,
+    },
+    /// A value that parsed but breaks a rule; `field` as above.
+    #[error("{origin}: {field}: {message}")]
+    Invalid {
+        origin: String,
+        field: String,
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// The dotted path of the field the error is about (empty for I/O errors).
+    pub fn field(&self) -> &str {
+        match self {
+            ConfigError::Read { .. } => "",
+            ConfigError::Parse { field, .. } | ConfigError::Invalid { field, .. } => field,
+        }
+    }
+}
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Options that are not per link. Optional; every field has a default.
+    #[serde(default)]
+    pub global: Global,
+    /// One entry per protected Ethernet link. At least one.
+    #[serde(default)]
+    pub link: Vec<Link>,
+}
+
+/// Process-wide options.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Global {
+    /// Where the eBPF maps and programs are pinned. Default `/sys/fs/bpf/qkd-macsec`.
+    pub bpffs_pin_dir: PathBuf,
+    /// Unix socket serving the status (JSON). Default `/run/qkd-macsec-agent/status.sock`.
+    pub status_socket: PathBuf,
+    /// Address of the Prometheus-style metrics endpoint; absent = disabled (the default).
+    pub metrics_address: Option<SocketAddr>,
+    /// `error`, `warn`, `info` (default), `debug` or `trace`. `QKD_MACSEC_LOG` overrides it.
+    pub log_level: String,
+}
+
+impl Default for Global {
+    fn default() -> Self {
+        Self {
+            bpffs_pin_dir: PathBuf::from("/sys/fs/bpf/qkd-macsec"),
+            status_socket: PathBuf::from("/run/qkd-macsec-agent/status.sock"),
+            metrics_address: None,
+            log_level: "info".into(),
+        }
+    }
+}
+
+/// MACsec cipher suites the kernel offers (include/uapi/linux/if_macsec.h).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Cipher {
+    #[serde(rename = "gcm-aes-128")]
+    GcmAes128,
+    #[serde(rename = "gcm-aes-256")]
+    GcmAes256,
+    #[serde(rename = "gcm-aes-xpn-128")]
+    GcmAesXpn128,
+    #[serde(rename = "gcm-aes-xpn-256")]
+    GcmAesXpn256,
+}
+
+impl Cipher {
+    /// The SAK length this suite takes, in bytes.
+    pub fn key_len(self) -> usize {
+        match self {
+            Cipher::GcmAes128 | Cipher::GcmAesXpn128 => 16,
+            Cipher::GcmAes256 | Cipher::GcmAesXpn256 => 32,
+        }
+    }
+    /// Extended packet numbering (64-bit PN, SSCI and salt per SA).
+    pub fn is_xpn(self) -> bool {
+        matches!(self, Cipher::GcmAesXpn128 | Cipher::GcmAesXpn256)
+    }
+    /// The largest PN the suite can carry: 2^32-1, or 2^64-1 with XPN (IEEE 802.1AE-2018 10.6).
+    pub fn max_pn(self) -> u64 {
+        if self.is_xpn() {
+            u64::MAX
+        } else {
+            u64::from(u32::MAX)
+        }
+    }
+    /// The kernel's cipher-suite identifier (`MACSEC_CIPHER_ID_*`).
+    pub fn kernel_id(self) -> u64 {
+        match self {
+            Cipher::GcmAes128 => 0x0080_C200_0100_0001,
+            Cipher::GcmAes256 => 0x0080_C200_0100_0002,
+            Cipher::GcmAesXpn128 => 0x0080_C200_0100_0003,
+            Cipher::GcmAesXpn256 => 0x0080_C200_0100_0004,
+        }
+    }
+    /// The name as written in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Cipher::GcmAes128 => "gcm-aes-128",
+            Cipher::GcmAes256 => "gcm-aes-256",
+            Cipher::GcmAesXpn128 => "gcm-aes-xpn-128",
+            Cipher::GcmAesXpn256 => "gcm-aes-xpn-256",
+        }
+    }
+}
+
+/// Who fetches keys with `enc_keys` and announces them (master) and who fetches by key_ID with
+/// `dec_keys` (slave).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RoleSetting {
+    Master,
+    Slave,
+    /// The gateway whose local SAE-ID sorts first (bytewise) is master. Both ends compute the
+    /// same answer from the same two IDs, so no negotiation is needed.
+    Auto,
+}
+
+/// The resolved role of this gateway on a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Master,
+    Slave,
+}
+
+/// How QKD keys are used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProfileKind {
+    /// Mode 1: each QKD key is a CAK; SAKs are derived from it (IEEE 802.1X-2010 KDF).
+    Cak,
+    /// Mode 2: each QKD key is a SAK, with a buffer of pre-fetched keys.
+    Sak,
+}
+
+/// One protected link.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Link {
+    /// A label for logs and the status socket. Default: the MACsec interface name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The Ethernet interface MACsec runs on (and LLDP is sent on).
+    pub lower_interface: String,
+    /// The MACsec interface to create on top of it.
+    pub macsec_interface: String,
+    /// Cipher suite. Default `gcm-aes-256`.
+    #[serde(default = "default_cipher")]
+    pub cipher: Cipher,
+    /// This gateway's SAE-ID at its KME.
+    pub local_sae_id: String,
+    /// The peer gateway's SAE-ID.
+    pub peer_sae_id: String,
+    /// `master`, `slave` or `auto` (default).
+    #[serde(default = "default_role")]
+    pub role: RoleSetting,
+    /// `cak` or `sak` (default).
+    #[serde(default = "default_profile")]
+    pub profile: ProfileKind,
+    /// 1/f_QKD: how often a new QKD key is requested. Default `5m`.
+    #[serde(default = "default_key_request_interval")]
+    pub key_request_interval: HumanDuration,
+    /// The ETSI GS QKD 014 endpoint of this gateway's KME.
+    pub kme: Kme,
+    /// Active key lifetime of a SAK. All fields default.
+    #[serde(default)]
+    pub akl: Akl,
+    /// `sak` profile options.
+    #[serde(default)]
+    pub sak: SakProfile,
+    /// `cak` profile options.
+    #[serde(default)]
+    pub cak: CakProfile,
+    /// The LLDP TLV that carries the key-ID exchange.
+    #[serde(default)]
+    pub lldp: Lldp,
+    /// Key-ID exchange timing.
+    #[serde(default)]
+    pub keyx: KeyxTiming,
+}
+
+fn default_cipher() -> Cipher {
+    Cipher::GcmAes256
+}
+fn default_role() -> RoleSetting {
+    RoleSetting::Auto
+}
+fn default_profile() -> ProfileKind {
+    ProfileKind::Sak
+}
+fn default_key_request_interval() -> HumanDuration {
+    HumanDuration::from_secs(300)
+}
+
+/// The KME (ETSI GS QKD 014 over mutual TLS).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kme {
+    /// Base URL, `https://host[:port]` (the client appends `/api/v1/keys/...`).
+    pub url: String,
+    /// CA certificate (PEM) that signed the KME's server certificate.
+    pub ca: PathBuf,
+    /// This SAE's client certificate (PEM).
+    pub cert: PathBuf,
+    /// This SAE's private key (PEM).
+    pub key: PathBuf,
+    /// How long the peer KME keeps a key after the master fetched it. ETSI 014 does not define
+    /// this; one vendor's KME dropped keys after 10 s. The master treats a key the slave has
+    /// not acknowledged within this window as lost. Default `10s`.
+    #[serde(default = "default_availability_window")]
+    pub availability_window: HumanDuration,
+    /// Timeout of one KME request. Default `5s`.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout: HumanDuration,
+}
+
+fn default_availability_window() -> HumanDuration {
+    HumanDuration::from_secs(10)
+}
+fn default_request_timeout() -> HumanDuration {
+    HumanDuration::from_secs(5)
+}
+
+/// Active key lifetime of a SAK: whichever of time and packet number runs out first.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Akl {
+    /// Longest time a SAK may protect traffic. Default `10m`.
+    pub max_age: HumanDuration,
+    /// Highest PN (frames sent under one SAK) before it must be retired. Default: 0xC000_0000
+    /// for non-XPN suites (as wpa_supplicant's MKA) and 2^62 for XPN suites; must not exceed
+    /// the suite's PN space.
+    pub max_pn: Option<u64>,
+    /// Fraction of the lifetime at which a rollover to the next key is requested. Default 0.75.
+    pub rollover_at: f64,
+    /// Fraction of the lifetime at which a warning is raised if the key has not rolled over yet.
+    /// Default 0.9. Must lie between `rollover_at` and 1.0.
+    pub warn_at: f64,
+}
+
+impl Default for Akl {
+    fn default() -> Self {
+        Self {
+            max_age: HumanDuration::from_secs(600),
+            max_pn: None,
+            rollover_at: 0.75,
+            warn_at: 0.9,
+        }
+    }
+}
+
+impl Akl {
+    /// `max_pn` with the per-suite default applied.
+    pub fn effective_max_pn(&self, cipher: Cipher) -> u64 {
+        self.max_pn.unwrap_or(if cipher.is_xpn() {
+            1 << 62
+        } else {
+            0xC000_0000
+        })
+    }
+}
+
+/// Mode 2 options.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SakProfile {
+    /// k: how many SAKs to hold pre-fetched (and exchanged) ahead of need. Default 10.
+    pub buffer: u32,
+}
+
+impl Default for SakProfile {
+    fn default() -> Self {
+        Self { buffer: 10 }
+    }
+}
+
+/// Mode 1 options.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CakProfile {
+    /// How long one CAK may be used (SAKs derived from it). Default `30d`.
+    pub lifetime: HumanDuration,
+    /// n: consecutive failed key requests tolerated while the CAK lifetime lasts. Default 3.
+    pub tolerated_failures: u32,
+}
+
+impl Default for CakProfile {
+    fn default() -> Self {
+        Self {
+            lifetime: HumanDuration::from_secs(30 * 86_400),
+            tolerated_failures: 3,
+        }
+    }
+}
+
+/// The organizationally specific LLDP TLV (IEEE 802.1AB clause 8.6) carrying the exchange.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Lldp {
+    /// OUI or CID as `xx:xx:xx`. Default `ac:de:48` (registered by the IEEE as "private"; use
+    /// your organisation's own OUI in production).
+    pub oui: String,
+    /// Organizationally defined subtype. Default 1.
+    pub subtype: u8,
+}
+
+impl Default for Lldp {
+    fn default() -> Self {
+        Self {
+            oui: "ac:de:48".into(),
+            subtype: 1,
+        }
+    }
+}
+
+impl Lldp {
+    /// The OUI as three bytes. Only valid after [`Config::validate`].
+    pub fn oui_bytes(&self) -> [u8; 3] {
+        parse_oui(&self.oui).unwrap_or([0; 3])
+    }
+}
+
+/// Key-ID exchange timing (see docs/protocol.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeyxTiming {
+    /// First retransmission delay of an unacknowledged announce. Default `250ms`.
+    pub retransmit_initial: HumanDuration,
+    /// Ceiling of the exponential backoff. Default `4s`.
+    pub retransmit_max: HumanDuration,
+    /// Interval of the status (hello) message while nothing else is sent. Default `5s`.
+    pub hello_interval: HumanDuration,
+    /// Received TLVs processed per second at most; the rest are dropped. Default 50.
+    pub max_rx_per_sec: u32,
+}
+
+impl Default for KeyxTiming {
+    fn default() -> Self {
+        Self {
+            retransmit_initial: HumanDuration::from_millis(250),
+            retransmit_max: HumanDuration::from_secs(4),
+            hello_interval: HumanDuration::from_secs(5),
+            max_rx_per_sec: 50,
+        }
+    }
+}
+
+/// Longest SAE-ID accepted: it travels in every TLV (see keyx), which has 507 bytes in all.
+pub const MAX_SAE_ID_LEN: usize = 64;
+
+impl Link {
+    /// The label used in logs.
+    pub fn label(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.macsec_interface)
+    }
+
+    /// The role after resolving `auto`: the lexicographically smaller SAE-ID is master.
+    pub fn role(&self) -> Role {
+        match self.role {
+            RoleSetting::Master => Role::Master,
+            RoleSetting::Slave => Role::Slave,
+            RoleSetting::Auto => {
+                if self.local_sae_id.as_bytes() < self.peer_sae_id.as_bytes() {
+                    Role::Master
+                } else {
+                    Role::Slave
+                }
+            }
+        }
+    }
+}
+
+fn parse_oui(s: &str) -> Option<[u8; 3]> {
+    let mut out = [0u8; 3];
+    let mut parts = s.split([':', '-']);
+    for b in &mut out {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates config text; `origin` names it in errors (usually the path).
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let parse_err = |field: String, e: &dyn std::fmt::Display| ConfigError::Parse {
+            origin: origin.to_owned(),
+            field,
+            // toml's message carries line, column and the offending line; keep it whole.
+            message: e.to_string().trim_end().to_owned(),
+        };
+        let de = toml::Deserializer::parse(text).map_err(|e| parse_err("(syntax)".into(), &e))?;
+        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            parse_err(field, e.inner())
+        })?;
+        cfg.validate()
+            .map_err(|(field, message)| ConfigError::Invalid {
+                origin: origin.to_owned(),
+                field,
+                message,
+            })?;
+        Ok(cfg)
+    }
+
+    /// Every rule a parsed config must satisfy. Returns `(field, message)` of the first breach.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let g = &self.global;
+        if !matches!(
+            g.log_level.as_str(),
+            "error" | "warn" | "info" | "debug" | "trace"
+        ) {
+            return Err((
+                "global.log_level".into(),
+                format!(
+                    "{:?} is not a level; use error, warn, info, debug or trace",
+                    g.log_level
+                ),
+            ));
+        }
+        for (name, p) in [
+            ("global.bpffs_pin_dir", &g.bpffs_pin_dir),
+            ("global.status_socket", &g.status_socket),
+        ] {
+            if !p.is_absolute() {
+                return Err((
+                    name.into(),
+                    format!("{} must be an absolute path", p.display()),
+                ));
+            }
+        }
+        if self.link.is_empty() {
+            return Err((
+                "link".into(),
+                "no [[link]] configured; add at least one".into(),
+            ));
+        }
+        let mut macsec_names = HashSet::new();
+        let mut lowers = HashSet::new();
+        let mut pairs = HashSet::new();
+        for (i, l) in self.link.iter().enumerate() {
+            let f = |name: &str| format!("link[{i}].{name}");
+            validate_link(l, &f)?;
+            if !macsec_names.insert(l.macsec_interface.as_str()) {
+                return Err((
+                    f("macsec_interface"),
+                    format!("{:?} is used by an earlier link", l.macsec_interface),
+                ));
+            }
+            if !lowers.insert(l.lower_interface.as_str()) {
+                return Err((
+                    f("lower_interface"),
+                    format!(
+                        "{:?} is used by an earlier link; one MACsec link per interface",
+                        l.lower_interface
+                    ),
+                ));
+            }
+            if !pairs.insert((l.local_sae_id.as_str(), l.peer_sae_id.as_str())) {
+                return Err((
+                    f("peer_sae_id"),
+                    format!(
+                        "the SAE pair {:?} -> {:?} is used by an earlier link; key_IDs would be ambiguous",
+                        l.local_sae_id, l.peer_sae_id
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn validate_ifname(field: String, v: &str) -> Result<(), (String, String)> {
+    // Linux IFNAMSIZ is 16 including the NUL; dev_valid_name() rejects '/', ':' and whitespace.
+    if v.is_empty() || v.len() > 15 {
+        return Err((
+            field,
+            format!("{v:?} must be 1 to 15 bytes long (Linux IFNAMSIZ)"),
+        ));
+    }
+    if v == "." || v == ".." || v.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
+        return Err((
+            field,
+            format!(
+                "{v:?} is not a valid interface name ('/', ':' and whitespace are not allowed)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_sae_id(field: String, v: &str) -> Result<(), (String, String)> {
+    if v.is_empty() || v.len() > MAX_SAE_ID_LEN {
+        return Err((
+            field,
+            format!("{v:?} must be 1 to {MAX_SAE_ID_LEN} bytes long"),
+        ));
+    }
+    // The SAE-ID is a path segment of the ETSI 014 URL and travels in the TLV: keep it to
+    // characters that need no escaping anywhere.
+    if !v
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~'))
+    {
+        return Err((
+            field,
+            format!("{v:?} may only contain ASCII letters, digits, '-', '_', '.' and '~'"),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_fraction(field: String, v: f64) -> Result<(), (String, String)> {
+    if !v.is_finite() || v <= 0.0 {
+        return Err((field, format!("{v} must be above 0.0")));
+    }
+    if v >= 1.0 {
+        return Err((field, format!("{v} must be below 1.0")));
+    }
+    Ok(())
+}
+
+fn validate_link(l: &Link, f: &dyn Fn(&str) -> String) -> Result<(), (String, String)> {
+    if let Some(n) = &l.name {
+        if n.is_empty() || n.len() > 64 || n.chars().any(char::is_control) {
+            return Err((
+                f("name"),
+                format!("{n:?} must be 1 to 64 printable characters"),
+            ));
+        }
+    }
+    validate_ifname(f("lower_interface"), &l.lower_interface)?;
+    validate_ifname(f("macsec_interface"), &l.macsec_interface)?;
+    if l.lower_interface == l.macsec_interface {
+        return Err((
+            f("macsec_interface"),
+            format!(
+                "{:?} is also the lower interface; pick a different name",
+                l.macsec_interface
+            ),
+        ));
+    }
+    validate_sae_id(f("local_sae_id"), &l.local_sae_id)?;
+    validate_sae_id(f("peer_sae_id"), &l.peer_sae_id)?;
+    if l.local_sae_id == l.peer_sae_id {
+        return Err((
+            f("peer_sae_id"),
+            format!(
+                "{:?} equals local_sae_id; the two gateways need distinct SAE-IDs",
+                l.peer_sae_id
+            ),
+        ));
+    }
+    let min_interval = Duration::from_secs(1);
+    if l.key_request_interval.get() < min_interval {
+        return Err((
+            f("key_request_interval"),
+            format!(
+                "{} is below the minimum of 1s; a KME cannot sustain that and the exchange cannot complete",
+                l.key_request_interval
+            ),
+        ));
+    }
+
+    // KME
+    let url = &l.kme.url;
+    let Some(rest) = url.strip_prefix("https://") else {
+        return Err((
+            f("kme.url"),
+            format!("{url:?} must start with https:// (ETSI GS QKD 014 requires TLS)"),
+        ));
+    };
+    let host = rest.split('/').next().unwrap_or("");
+    if host.is_empty() || rest.contains(['?', '#', ' ']) {
+        return Err((
+            f("kme.url"),
+            format!("{url:?} must be https://host[:port][/prefix] without query or fragment"),
+        ));
+    }
+    for (name, p) in [
+        ("kme.ca", &l.kme.ca),
+        ("kme.cert", &l.kme.cert),
+        ("kme.key", &l.kme.key),
+    ] {
+        if p.as_os_str().is_empty() {
+            return Err((
+                f(name),
+                "must not be empty; give the PEM file's path".into(),
+            ));
+        }
+    }
+    if l.kme.availability_window.get() < Duration::from_secs(1) {
+        return Err((
+            f("kme.availability_window"),
+            format!("{} is below the minimum of 1s", l.kme.availability_window),
+        ));
+    }
+    if l.kme.request_timeout.get().is_zero() {
+        return Err((f("kme.request_timeout"), "0s must be above zero".into()));
+    }
+
+    // AKL
+    let akl = &l.akl;
+    if akl.max_age.get() < Duration::from_secs(1) {
+        return Err((
+            f("akl.max_age"),
+            format!("{} is below the minimum of 1s", akl.max_age),
+        ));
+    }
+    if let Some(pn) = akl.max_pn {
+        if pn == 0 {
+            return Err((f("akl.max_pn"), "0 must be above zero".into()));
+        }
+        if pn > l.cipher.max_pn() {
+            return Err((
+                f("akl.max_pn"),
+                format!(
+                    "{pn:#x} exceeds the PN space of {} ({:#x}); use an XPN suite or a smaller value",
+                    l.cipher.name(),
+                    l.cipher.max_pn()
+                ),
+            ));
+        }
+    }
+    validate_fraction(f("akl.rollover_at"), akl.rollover_at)?;
+    validate_fraction(f("akl.warn_at"), akl.warn_at)?;
+    if akl.warn_at <= akl.rollover_at {
+        return Err((
+            f("akl.warn_at"),
+            format!(
+                "{} must be above akl.rollover_at ({}): the warning says a requested rollover is late",
+                akl.warn_at, akl.rollover_at
+            ),
+        ));
+    }
+
+    // Profiles
+    match l.profile {
+        ProfileKind::Sak => {
+            if !(1..=64).contains(&l.sak.buffer) {
+                return Err((
+                    f("sak.buffer"),
+                    format!("{} must be between 1 and 64", l.sak.buffer),
+                ));
+            }
+            // One key is consumed per rollover (at the latest, at akl.rollover_at of max_age)
+            // and one fetched per request interval: if fetching is slower, the buffer drains
+            // however well the KME works, and k only postpones the stall.
+            let rollover_period = akl.max_age.get().mul_f64(akl.rollover_at);
+            if l.key_request_interval.get() > rollover_period {
+                return Err((
+                    f("key_request_interval"),
+                    format!(
+                        "{} is longer than one SAK lasts ({} = akl.max_age × akl.rollover_at); the key buffer would drain",
+                        l.key_request_interval,
+                        HumanDuration(rollover_period)
+                    ),
+                ));
+            }
+        }
+        ProfileKind::Cak => {
+            let c = &l.cak;
+            // n tolerated failures means n+1 request intervals must fit in one CAK lifetime.
+            let need = l
+                .key_request_interval
+                .get()
+                .checked_mul(c.tolerated_failures.saturating_add(1))
+                .unwrap_or(Duration::MAX);
+            if c.lifetime.get() <= need {
+                return Err((
+                    f("cak.lifetime"),
+                    format!(
+                        "{} must exceed key_request_interval × (cak.tolerated_failures + 1) = {} × {}, or {} failed requests would outlive the CAK",
+                        c.lifetime,
+                        l.key_request_interval,
+                        u64::from(c.tolerated_failures) + 1,
+                        c.tolerated_failures
+                    ),
+                ));
+            }
+        }
+    }
+
+    // LLDP
+    if parse_oui(&l.lldp.oui).is_none() {
+        return Err((
+            f("lldp.oui"),
+            format!(
+                "{:?} is not an OUI; write three hex bytes like \"ac:de:48\"",
+                l.lldp.oui
+            ),
+        ));
+    }
+
+    // Key-ID exchange timing
+    let k = &l.keyx;
+    if k.retransmit_initial.get() < Duration::from_millis(10) {
+        return Err((
+            f("keyx.retransmit_initial"),
+            format!("{} is below the minimum of 10ms", k.retransmit_initial),
+        ));
+    }
+    if k.retransmit_max < k.retransmit_initial {
+        return Err((
+            f("keyx.retransmit_max"),
+            format!(
+                "{} must be at least keyx.retransmit_initial ({})",
+                k.retransmit_max, k.retransmit_initial
+            ),
+        ));
+    }
+    if k.retransmit_max.get() >= l.kme.availability_window.get() {
+        return Err((
+            f("keyx.retransmit_max"),
+            format!(
+                "{} must be below kme.availability_window ({}), or a lost announce is retried only after the key is gone",
+                k.retransmit_max, l.kme.availability_window
+            ),
+        ));
+    }
+    if k.hello_interval.get() < Duration::from_millis(100) {
+        return Err((
+            f("keyx.hello_interval"),
+            format!("{} is below the minimum of 100ms", k.hello_interval),
+        ));
+    }
+    if k.max_rx_per_sec == 0 {
+        return Err((
+            f("keyx.max_rx_per_sec"),
+            "0 would drop every message; use at least 1".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

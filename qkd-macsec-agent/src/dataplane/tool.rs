@@ -1,0 +1,69 @@
+//! Entry points of the hidden `dataplane-hold` and `bench-ebpf` subcommands.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use super::{run_benchmark, Dataplane, DataplaneError, DataplaneOptions};
+
+/// Attaches to `ifname`, optionally sets the stall, prints `ready <pin dir>` on stdout and then
+/// sleeps until killed: the test helper for "the stall survives a killed agent".
+pub fn hold(ifname: &str, bpffs_root: &Path, stall: bool) -> Result<(), DataplaneError> {
+    let opts = DataplaneOptions {
+        bpffs_root: bpffs_root.to_path_buf(),
+        ..Default::default()
+    };
+    let mut dp = Dataplane::attach(ifname, &opts)?;
+    if stall {
+        dp.set_stall(true)?;
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready {}", dp.pin_dir().display()).map_err(|source| DataplaneError::Io {
+        context: "writing the ready line".into(),
+        source,
+    })?;
+    out.flush().map_err(|source| DataplaneError::Io {
+        context: "flushing stdout".into(),
+        source,
+    })?;
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+}
+
+/// Runs the benchmark, prints the numbers and merges them into the flat JSON object at `out`.
+pub fn bench(out: &Path, repeat: u32, rounds: usize) -> Result<(), DataplaneError> {
+    let results = run_benchmark(repeat, rounds)?;
+    let io = |context: String| move |source| DataplaneError::Io { context, source };
+    let mut obj = match std::fs::read_to_string(out) {
+        Ok(s) => match serde_json::from_str::<serde_json::Value>(&s) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => {
+                return Err(DataplaneError::Io {
+                    context: format!("{} is not a JSON object; fix or delete it", out.display()),
+                    source: std::io::Error::other("bad results file"),
+                })
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::Map::new(),
+        Err(e) => return Err(io(format!("reading {}", out.display()))(e)),
+    };
+    for r in &results {
+        println!("{:<40} {:>8.2} ns", r.key, r.ns_per_pkt);
+        obj.insert(
+            r.key.clone(),
+            serde_json::Value::from((r.ns_per_pkt * 100.0).round() / 100.0),
+        );
+    }
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    }
+    let text = serde_json::to_string_pretty(&serde_json::Value::Object(obj))
+        .expect("a JSON object serialises");
+    std::fs::write(out, text + "\n").map_err(io(format!("writing {}", out.display())))?;
+    Ok(())
+}
+
+/// Default results file.
+pub fn default_results_path() -> PathBuf {
+    PathBuf::from("target/bench/results.json")
+}
