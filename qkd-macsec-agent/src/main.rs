@@ -17,6 +17,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the agent: key every configured link's MACsec from QKD and watch its key lifetime.
+    Run(qkd_macsec_agent::agent::run::RunArgs),
     /// Print the size of the embedded eBPF object (a quick build sanity check).
     EbpfInfo,
     /// Benchmark MACsec rollovers through netlink against `ip macsec` (root, kernel with MACsec;
@@ -103,6 +105,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Run(a) => qkd_macsec_agent::agent::run::run(a),
         Command::EbpfInfo => {
             println!(
                 "embedded eBPF object: {} bytes",
