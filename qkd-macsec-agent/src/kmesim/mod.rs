@@ -195,6 +195,8 @@ pub(crate) struct Shared {
     pub answered: Answered,
     /// TLS connections accepted (handshake completed), both KMEs.
     pub connections: AtomicU64,
+    /// Connections closed by the drop_connections fault.
+    pub dropped: AtomicU64,
 }
 
 impl Shared {
@@ -286,6 +288,7 @@ impl KmeSim {
             drop_epoch: [watch::channel(0).0, watch::channel(0).0],
             answered: Answered::default(),
             connections: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
         });
         let (shutdown, _) = watch::channel(false);
         let mut tasks = vec![
