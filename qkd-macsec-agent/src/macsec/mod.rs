@@ -16,7 +16,7 @@ pub(crate) mod nl;
 mod rollover;
 mod types;
 
-pub use bench::{run_bench, BenchOptions};
+pub use bench::{run_bench, BenchOptions, BenchResult};
 pub use rollover::{PeerRxConfirmation, RetireSchedule, RxPrepared, TxActivated};
 pub use types::{
     An, Cipher, KeyId, LinkConfig, MacsecLink, RxScState, RxScStats, SaKey, SaState, SaStats, Salt,
