@@ -512,6 +512,7 @@ fn xpn_sa_near_pn_2_32_keeps_passing_while_plain_one_stops() {
 ///   moment of the switch carries the new AN but the old key, and the peer drops it
 ///   (InPktsNotValid, about 1 frame in 400 switches here). No ordering of netlink calls avoids
 ///   that window; running the switch on the sender's CPU does (transmit runs with BHs off).
+///
 /// Both losses would be the harness's or the kernel's, not the rollover contract's.
 fn pin_to_cpu0() {
     // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity only touch it.
@@ -665,7 +666,7 @@ fn two_hundred_rollovers_under_flood_lose_nothing() {
     let ba = flow(&p.b, &p.a, 4001, gap);
     std::thread::sleep(Duration::from_millis(200));
     for n in 0..200 {
-        roll_both(&mut p, n, Duration::from_millis(100));
+        roll_both(&mut p, n, Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(200));
     let (sent_ab, lost_ab) = ab.finish();

@@ -479,21 +479,22 @@ pub fn run_bench(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
     let state_a = m.state(&topo.a)?;
     m.delete_any_link("qbench0")?;
 
-    let mut out = BenchResult::new();
-    out.push(("macsec.rollovers", (opts.rollovers * 2) as f64));
-    out.push(("macsec.rollover_lost", lost as f64));
-    out.push(("macsec.rollover_frames_sent", (sent_ab + sent_ba) as f64));
-    out.push((
-        "macsec.rollover_frames_sent_during_lib",
-        (lib_sent_ab + lib_sent_ba) as f64,
-    ));
-    out.push(("macsec.rollover_ms_p50", lib_p50));
-    out.push(("macsec.ip_cli_rollovers", opts.cli_rollovers as f64));
-    out.push(("macsec.ip_cli_rollover_ms_p50", cli_p50));
-    out.push(("macsec.ip_cli_over_lib_ratio", cli_p50 / lib_p50));
-    out.push((
-        "macsec.final_encoding_sa",
-        f64::from(state_a.encoding_sa.get()),
-    ));
+    let out: BenchResult = vec![
+        ("macsec.rollovers", (opts.rollovers * 2) as f64),
+        ("macsec.rollover_lost", lost as f64),
+        ("macsec.rollover_frames_sent", (sent_ab + sent_ba) as f64),
+        (
+            "macsec.rollover_frames_sent_during_lib",
+            (lib_sent_ab + lib_sent_ba) as f64,
+        ),
+        ("macsec.rollover_ms_p50", lib_p50),
+        ("macsec.ip_cli_rollovers", opts.cli_rollovers as f64),
+        ("macsec.ip_cli_rollover_ms_p50", cli_p50),
+        ("macsec.ip_cli_over_lib_ratio", cli_p50 / lib_p50),
+        (
+            "macsec.final_encoding_sa",
+            f64::from(state_a.encoding_sa.get()),
+        ),
+    ];
     Ok(out)
 }

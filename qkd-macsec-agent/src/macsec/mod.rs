@@ -149,6 +149,14 @@ pub struct Macsec {
     family: u16,
 }
 
+impl std::fmt::Debug for Macsec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Macsec")
+            .field("genl_family", &self.family)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Macsec {
     /// Opens both sockets and resolves the `macsec` generic netlink family. Fails with
     /// [`MacsecError::NoKernelSupport`] on a kernel without MACsec.
