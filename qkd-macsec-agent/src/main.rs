@@ -54,9 +54,10 @@ enum Command {
     /// Benchmark `ebpf`: per-packet cost of the XDP/TC programs (BPF_PROG_TEST_RUN).
     #[command(hide = true)]
     BenchEbpf {
-        /// Flat JSON object to merge the results into.
-        #[arg(long, default_value = "target/bench/results.json")]
-        out: std::path::PathBuf,
+        /// Also merge the results into this flat JSON object (xtask collects the printed
+        /// `bench-result:` lines otherwise).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
         /// Program runs per measurement.
         #[arg(long, default_value_t = 5_000_000)]
         repeat: u32,
@@ -140,7 +141,9 @@ fn main() -> anyhow::Result<()> {
             repeat,
             rounds,
         } => Ok(qkd_macsec_agent::dataplane::tool::bench(
-            &out, repeat, rounds,
+            out.as_deref(),
+            repeat,
+            rounds,
         )?),
         Command::BenchMacsec {
             rollovers,

@@ -88,7 +88,7 @@ fn lldp_project_tlv_reaches_userspace_and_malformed_lldpdus_do_not() {
         // Length past the frame: project TLV claims 200 bytes.
         {
             let mut t = tlv(127, &project);
-            t[0] = (127 << 1) | 0;
+            t[0] = 127 << 1;
             t[1] = 200;
             [head.clone(), t].concat()
         },

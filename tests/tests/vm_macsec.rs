@@ -638,7 +638,7 @@ fn two_hundred_rollovers_under_flood_lose_nothing() {
     let ba = flow(&p.b, &p.a, 4001, gap);
     std::thread::sleep(Duration::from_millis(200));
     for n in 0..200 {
-        roll_both(&mut p, n, Duration::from_millis(20));
+        roll_both(&mut p, n, Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_millis(200));
     let (sent_ab, lost_ab) = ab.finish();

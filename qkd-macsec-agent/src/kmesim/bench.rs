@@ -35,8 +35,11 @@ pub struct BenchArgs {
     #[arg(long)]
     pub results: Option<PathBuf>,
     /// Client runtime worker threads.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 1)]
     pub client_threads: usize,
+    /// Simulator worker threads (0 = one per CPU).
+    #[arg(long, default_value_t = 1)]
+    pub sim_threads: usize,
 }
 
 struct Child(std::process::Child);

@@ -84,6 +84,8 @@ pub struct SimState {
     pub answered_401: u64,
     pub answered_503: u64,
     pub answered_other: u64,
+    /// TLS connections accepted since start (both KMEs); shows keep-alive reuse.
+    pub connections: u64,
 }
 
 pub(crate) fn state(shared: &Shared) -> SimState {
@@ -114,6 +116,7 @@ pub(crate) fn state(shared: &Shared) -> SimState {
         answered_401: a.unauthorized.load(Ordering::Relaxed),
         answered_503: a.unavailable.load(Ordering::Relaxed),
         answered_other: a.other.load(Ordering::Relaxed),
+        connections: shared.connections.load(Ordering::Relaxed),
     }
 }
 

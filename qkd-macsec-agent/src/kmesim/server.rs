@@ -67,6 +67,9 @@ pub(crate) async fn serve(
                     return;
                 }
             };
+            shared
+                .connections
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let caller: Option<Arc<str>> = tls
                 .get_ref()
                 .1
