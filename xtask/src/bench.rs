@@ -54,6 +54,7 @@ fn area_jobs(area: &str) -> Vec<Where> {
             "out=$({} bench-macsec) || exit $?\nprintf 'bench-json: %s\\n' \"$out\"\n",
             util::sh_quote(&agent)
         ))],
+        "agent" => vec![Where::Host(vec![agent, "bench-agent".into()])],
         _ => Vec::new(),
     }
 }
