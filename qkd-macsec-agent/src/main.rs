@@ -19,6 +19,13 @@ struct Cli {
 enum Command {
     /// Run the agent: key every configured link's MACsec from QKD and watch its key lifetime.
     Run(qkd_macsec_agent::agent::run::RunArgs),
+    /// Benchmark the key exchange's per-message cost against AES-CMAC (`cargo xtask bench agent`).
+    #[command(hide = true)]
+    BenchAgent {
+        /// Messages per measurement.
+        #[arg(long, default_value_t = 100_000)]
+        messages: usize,
+    },
     /// Print the size of the embedded eBPF object (a quick build sanity check).
     EbpfInfo,
     /// Benchmark MACsec rollovers through netlink against `ip macsec` (root, kernel with MACsec;
@@ -103,6 +110,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(a) => qkd_macsec_agent::agent::run::run(a),
+        Command::BenchAgent { messages } => qkd_macsec_agent::agent::bench::run(messages),
         Command::EbpfInfo => {
             println!(
                 "embedded eBPF object: {} bytes",
