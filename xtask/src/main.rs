@@ -6,9 +6,11 @@
 //!   kernel has MACsec.
 //! - `test`: every check, in order: fmt, clippy, unit tests, loopback integration tests, privileged host tests, VM tests.
 //! - `build-ebpf`: builds the eBPF object alone.
+//! - `demo`: two QKD-keyed MACsec gateways with traffic and a live view (in the VM if needed).
 //! - `bench <area>`: benchmarks, merged into target/bench/results.json.
 
 mod bench;
+mod demo;
 mod setup;
 mod test;
 mod util;
@@ -68,6 +70,21 @@ enum Cmd {
     },
     /// Build the eBPF object alone (release, bpfel-unknown-none, pinned nightly).
     BuildEbpf,
+    /// Two gateways, QKD-keyed MACsec between them, traffic and a live view; JSON summary last.
+    Demo {
+        /// Seconds of traffic once the link is secured.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Key profile: cak or sak.
+        #[arg(long, default_value = "cak")]
+        profile: String,
+        /// Datagrams per second in each direction.
+        #[arg(long, default_value_t = 200)]
+        pps: u32,
+        /// Where to run: auto (the VM when the host kernel lacks MACsec), host or vm.
+        #[arg(long, default_value = "auto")]
+        place: String,
+    },
     /// Run the benchmarks of one area (kme, macsec, ebpf, agent) or `all`.
     Bench {
         /// kme, macsec, ebpf, agent or all.
@@ -88,6 +105,17 @@ fn main() -> ExitCode {
         Cmd::VmRunner { cmd } => vm::vm_runner(cmd),
         Cmd::Test { only, filter } => test::run(&only, filter.as_deref()).map(|_| 0),
         Cmd::BuildEbpf => test::build_ebpf().map(|_| 0),
+        Cmd::Demo {
+            seconds,
+            profile,
+            pps,
+            place,
+        } => demo::run(&demo::Options {
+            seconds,
+            profile,
+            pps,
+            place,
+        }),
         Cmd::Bench { area } => bench::run(&area).map(|_| 0),
     };
     match result {
