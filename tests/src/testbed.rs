@@ -1435,7 +1435,8 @@ impl Running {
 
     /// Rollovers counted so far, the lower of the two sides.
     pub fn rollovers(&self) -> u64 {
-        self.monitor.snapshot(|s| s.rollovers[0].min(s.rollovers[1]))
+        self.monitor
+            .snapshot(|s| s.rollovers[0].min(s.rollovers[1]))
     }
 
     /// Waits until `cond` holds on the monitor state, checking the agents stay alive; panics
@@ -1455,7 +1456,8 @@ impl Running {
             assert!(
                 Instant::now() < deadline,
                 "{what}: not reached within {timeout:?}; monitor: {:?}\n{}",
-                self.monitor.snapshot(|s| (s.latest.clone(), s.rollovers, s.changes.len())),
+                self.monitor
+                    .snapshot(|s| (s.latest.clone(), s.rollovers, s.changes.len())),
                 self.bed.logs_tail(40)
             );
             std::thread::sleep(Duration::from_millis(20));

@@ -35,7 +35,11 @@ fn link_comes_up(profile: &'static str) {
     for (i, v) in views.iter().enumerate() {
         let side = Side::BOTH[i];
         assert!(v.secured(), "{}: {v:?}", side.label());
-        assert!(v.encrypt, "{}: MACsec without encryption: {v:?}", side.label());
+        assert!(
+            v.encrypt,
+            "{}: MACsec without encryption: {v:?}",
+            side.label()
+        );
         assert!(
             v.out_encrypted >= ab.received.min(ba.received),
             "{}: the kernel encrypted {} frames, fewer than the stream delivered: {v:?}",
@@ -45,8 +49,14 @@ fn link_comes_up(profile: &'static str) {
         assert_eq!(v.in_invalid + v.in_not_valid, 0, "{}: {v:?}", side.label());
     }
     // Each side sends with the key the other side receives with.
-    assert_eq!(views[0].tx_key, views[1].rx_key, "gw-a TX key id vs gw-b RX");
-    assert_eq!(views[1].tx_key, views[0].rx_key, "gw-b TX key id vs gw-a RX");
+    assert_eq!(
+        views[0].tx_key, views[1].rx_key,
+        "gw-a TX key id vs gw-b RX"
+    );
+    assert_eq!(
+        views[1].tx_key, views[0].rx_key,
+        "gw-b TX key id vs gw-a RX"
+    );
     // Nothing but MACsec and the LLDP exchange ever left either gateway on the wire.
     let frames = run.capture.frames();
     let plain: Vec<_> = frames

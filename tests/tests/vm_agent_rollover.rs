@@ -29,7 +29,10 @@ fn hundred_rollovers(profile: &'static str) {
     );
     let (ab, ba) = (ab.finish(Duration::from_secs(1)), ba.finish(Duration::ZERO));
     let stalls = run.stall_windows();
-    assert!(stalls.is_empty(), "the link stalled during rollovers: {stalls:?}");
+    assert!(
+        stalls.is_empty(),
+        "the link stalled during rollovers: {stalls:?}"
+    );
     for (dir, r) in [("gw-a -> gw-b", &ab), ("gw-b -> gw-a", &ba)] {
         assert!(r.sent > 10_000, "{dir}: {r:?}");
         assert_eq!(
@@ -43,7 +46,9 @@ fn hundred_rollovers(profile: &'static str) {
     for v in &views {
         assert_eq!(v.in_invalid + v.in_not_valid, 0, "{v:?}");
     }
-    let plain = run.capture.counts(|f| matches!(f.kind, FrameKind::Plain { .. }));
+    let plain = run
+        .capture
+        .counts(|f| matches!(f.kind, FrameKind::Plain { .. }));
     assert_eq!(plain.plaintext, 0, "plaintext on the wire during rollovers");
 }
 

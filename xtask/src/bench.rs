@@ -52,7 +52,10 @@ fn area_jobs(area: &str) -> Vec<Where> {
         ])],
         // Rollovers through the agent's netlink layer vs `ip macsec` under a frame stream; needs
         // kernel MACsec, so it runs in the VM. It prints `bench-result:` lines itself.
-        "macsec" => vec![Where::Vm(format!("{} bench-macsec", util::sh_quote(&agent)))],
+        "macsec" => vec![Where::Vm(format!(
+            "{} bench-macsec",
+            util::sh_quote(&agent)
+        ))],
         "agent" => vec![Where::Host(vec![agent, "bench-agent".into()])],
         _ => Vec::new(),
     }
