@@ -78,6 +78,11 @@ impl Side {
     }
 }
 
+/// How long the agents get to secure a new link in the tests. Generous because in the TCG VM on
+/// a loaded 2-core machine loading and verifying the eBPF programs alone took about 50 s; this is
+/// a hang detector, not a speed target (that is `agent.start_to_secure_s` in the benchmarks).
+pub const SECURE_TIMEOUT: Duration = Duration::from_secs(240);
+
 /// The lower (protected) interface in each gateway namespace.
 pub const LOWER_IF: &str = "wan0";
 /// The MACsec interface the agents create.
@@ -1221,7 +1226,7 @@ impl WireCapture {
                     if n < 14 {
                         continue;
                     }
-                    if sll.sll_pkttype != libc::PACKET_OUTGOING as u8 {
+                    if sll.sll_pkttype != libc::PACKET_OUTGOING {
                         continue;
                     }
                     let f = &buf[..n as usize];

