@@ -13,8 +13,9 @@ use qkd_macsec_tests::testbed::{LinkSpec, Running, Side, TestbedOptions, SECURE_
 fn kill_9_and_restart_lose_no_frames_while_keys_are_valid() {
     require_macsec();
     let mut spec = LinkSpec::fast("cak");
-    // Keys live long enough for a kill, a restart and adoption in the slow VM.
-    spec.akl_max_age = "30s".into();
+    // Keys live long enough for a kill, a restart and adoption in the slow VM (a restarted
+    // agent took about 40 s to load its data plane under TCG; 30 s keys expired meanwhile).
+    spec.akl_max_age = "120s".into();
     spec.akl_rollover_at = 0.5;
     spec.akl_warn_at = 0.9;
     spec.key_request_interval = "20s".into();
