@@ -12,6 +12,11 @@
 //! Test scaffolding may call iproute2; product code never shells out.
 //!
 //! Addresses: tests use 10.x addresses only, and only inside namespaces they created.
+//!
+//! [`testbed`]: two gateways with real agents, the KME simulator, traffic streams and wire
+//! captures, shared by `cargo xtask demo` and the end-to-end VM tests.
+
+pub mod testbed;
 
 use std::ffi::OsStr;
 use std::fmt;
