@@ -19,10 +19,17 @@ struct Cli {
 enum Command {
     /// Run the agent: key every configured link's MACsec from QKD and watch its key lifetime.
     Run(qkd_macsec_agent::agent::run::RunArgs),
+    /// Benchmark the key exchange's per-message cost against AES-CMAC (`cargo xtask bench agent`).
+    #[command(hide = true)]
+    BenchAgent {
+        /// Messages per measurement.
+        #[arg(long, default_value_t = 100_000)]
+        messages: usize,
+    },
     /// Print the size of the embedded eBPF object (a quick build sanity check).
     EbpfInfo,
     /// Benchmark MACsec rollovers through netlink against `ip macsec` (root, kernel with MACsec;
-    /// run in the test VM). Prints one flat JSON object on stdout.
+    /// run in the test VM). Prints `bench-result: <key> <value>` lines.
     #[command(hide = true)]
     BenchMacsec {
         /// Rollovers through this layer (each rolls both directions).
@@ -32,14 +39,11 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         cli_rollovers: usize,
         /// Grace period in ms between switching TX and retiring the old SA.
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = 100)]
         grace_ms: u64,
         /// Cipher suite (gcm-aes-128, gcm-aes-256, gcm-aes-xpn-128, gcm-aes-xpn-256).
         #[arg(long, default_value = "gcm-aes-256")]
         cipher: String,
-        /// Also merge the numbers into this JSON file (e.g. target/bench/results.json).
-        #[arg(long)]
-        merge_into: Option<std::path::PathBuf>,
     },
     /// Test helper: attach the data plane to IFACE, optionally stall, print `ready`, sleep.
     #[command(hide = true)]
@@ -106,6 +110,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(a) => qkd_macsec_agent::agent::run::run(a),
+        Command::BenchAgent { messages } => qkd_macsec_agent::agent::bench::run(messages),
         Command::EbpfInfo => {
             println!(
                 "embedded eBPF object: {} bytes",
@@ -150,18 +155,17 @@ fn main() -> anyhow::Result<()> {
             cli_rollovers,
             grace_ms,
             cipher,
-            merge_into,
         } => {
             let opts = qkd_macsec_agent::macsec::BenchOptions {
                 rollovers,
                 cli_rollovers,
                 grace: std::time::Duration::from_millis(grace_ms),
                 cipher: cipher.parse()?,
-                merge_into,
                 ..Default::default()
             };
-            let out = qkd_macsec_agent::macsec::run_bench(&opts)?;
-            println!("{}", serde_json::Value::Object(out));
+            for (key, value) in qkd_macsec_agent::macsec::run_bench(&opts)? {
+                println!("bench-result: {key} {value}");
+            }
             Ok(())
         }
     }

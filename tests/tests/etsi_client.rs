@@ -152,14 +152,14 @@ async fn wrong_sae_gets_401_and_the_key_stays_for_the_right_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unfetched_key_disappears_after_availability_timeout() {
     let mut cfg = test_config();
-    cfg.link.availability_timeout = Some(Duration::from_millis(300));
+    cfg.link.availability_timeout = Some(Duration::from_millis(1000));
     let s = start_sim(cfg).await;
     let keys = s.client_a().enc_keys(files::SAE_B, 2, None).await.unwrap();
     s.client_b()
         .dec_key(files::SAE_A, keys[0].id, None)
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     assert!(matches!(
         s.client_b()
             .dec_key(files::SAE_A, keys[1].id, None)
@@ -169,6 +169,15 @@ async fn unfetched_key_disappears_after_availability_timeout() {
     ));
     let st = s.sim.control().state();
     assert_eq!((st.issued, st.delivered, st.expired), (2, 1, 1));
+}
+
+/// A client with 8 attempts (about 0.9 s of backoff), so a fault lifted by another task is
+/// reliably seen even on a loaded machine.
+fn patient(s: &Sim, sae: &str, kme_a: bool) -> KmeClient {
+    let url = if kme_a { s.url_a() } else { s.url_b() };
+    let mut cfg = client_config(&url, s.certs.path(), sae);
+    cfg.retry.max_attempts = 8;
+    KmeClient::new(&cfg).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,10 +190,12 @@ async fn client_retries_503_with_backoff_then_succeeds() {
         ..Default::default()
     })
     .unwrap();
-    // Lift the fault while the client is backing off (20, 40, 80 ms).
+    // Lift the fault once the first 503 went out, while the client backs off.
     let ctl2 = ctl.clone();
     let lifter = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(70)).await;
+        while ctl2.state().answered_503 == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         ctl2.apply(&ControlUpdate {
             kme: Some(KmeSel::A),
             fail_503: Some(false),
@@ -192,7 +203,10 @@ async fn client_retries_503_with_backoff_then_succeeds() {
         })
         .unwrap();
     });
-    let keys = s.client_a().enc_keys(files::SAE_B, 1, None).await.unwrap();
+    let keys = patient(&s, files::SAE_A, true)
+        .enc_keys(files::SAE_B, 1, None)
+        .await
+        .unwrap();
     lifter.await.unwrap();
     assert_eq!(keys.len(), 1);
     let st = ctl.state();
@@ -357,15 +371,21 @@ async fn dropped_connections_are_retried_and_recover() {
     })
     .unwrap();
     let ctl2 = ctl.clone();
+    // Lift the fault once the simulator has actually dropped a connection of this client.
     let lifter = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(60)).await;
+        while ctl2.state().connections_dropped < 2 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         ctl2.apply(&ControlUpdate {
             drop_connections: Some(false),
             ..Default::default()
         })
         .unwrap();
     });
-    a.status(files::SAE_B).await.unwrap();
+    patient(&s, files::SAE_A, true)
+        .status(files::SAE_B)
+        .await
+        .unwrap();
     lifter.await.unwrap();
     // With the fault held, the client gives up with a transport error naming the KME.
     ctl.apply(&ControlUpdate {

@@ -180,12 +180,13 @@ fn agents_key_roll_stall_and_recover() {
     }
     // The protected link and the two management links.
     let _wire = veth_pair(&ns_a, "wa", &ns_b, "wb");
-    let _ma = veth_pair(&ns_a, "ma", &ns_k, "ka");
-    let _mb = veth_pair(&ns_b, "mb", &ns_k, "kb");
-    add_ipv4(&ns_a, "ma", "10.88.1.2/24");
-    add_ipv4(&ns_k, "ka", "10.88.1.1/24");
-    add_ipv4(&ns_b, "mb", "10.88.2.2/24");
-    add_ipv4(&ns_k, "kb", "10.88.2.1/24");
+    // (Names that no `ip link` keyword starts with: iproute2 accepts keyword abbreviations.)
+    let _ma = veth_pair(&ns_a, "mgmt0", &ns_k, "kme0");
+    let _mb = veth_pair(&ns_b, "mgmt1", &ns_k, "kme1");
+    add_ipv4(&ns_a, "mgmt0", "10.88.1.2/24");
+    add_ipv4(&ns_k, "kme0", "10.88.1.1/24");
+    add_ipv4(&ns_b, "mgmt1", "10.88.2.2/24");
+    add_ipv4(&ns_k, "kme1", "10.88.2.1/24");
 
     let sim = ns_k.spawn_with(
         &[

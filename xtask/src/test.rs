@@ -1,4 +1,4 @@
-//! `cargo xtask test`: every check in order (fmt, clippy, unit, host, vm), each announced and timed;
+//! `cargo xtask test`: every check in order (fmt, clippy, unit, integration, host, vm), each announced and timed;
 //! and `cargo xtask build-ebpf`.
 
 use std::fs;
@@ -19,16 +19,19 @@ pub enum Stage {
     Clippy,
     /// unit tests and doc tests (no privileges)
     Unit,
+    /// tests/tests/*.rs that are neither host_ nor vm_: real sockets, no privileges (e.g. etsi_*)
+    Integration,
     /// tests/tests/host_*.rs as root on the host
     Host,
     /// tests/tests/vm_*.rs inside the VM, all in one boot
     Vm,
 }
 
-const ALL: [Stage; 5] = [
+const ALL: [Stage; 6] = [
     Stage::Fmt,
     Stage::Clippy,
     Stage::Unit,
+    Stage::Integration,
     Stage::Host,
     Stage::Vm,
 ];
@@ -73,6 +76,7 @@ pub fn run(only: &[Stage], filter: Option<&str>) -> Result<()> {
                 .context("formatting differs; run `cargo fmt --all`"),
             Stage::Clippy => clippy(),
             Stage::Unit => unit(),
+            Stage::Integration => integration(filter),
             Stage::Host => host(filter),
             Stage::Vm => vm_stage(filter),
         };
@@ -103,6 +107,9 @@ fn describe(s: Stage) -> &'static str {
         }
         Stage::Unit => {
             "unit: cargo test --workspace --exclude qkd-macsec-ebpf --lib --bins; same with --doc"
+        }
+        Stage::Integration => {
+            "integration: tests/tests/*.rs other than host_* and vm_* (loopback sockets, no privileges)"
         }
         Stage::Host => "host: tests/tests/host_*.rs as root (--test-threads=1)",
         Stage::Vm => "vm: tests/tests/vm_*.rs inside the MACsec VM, one boot (--test-threads=1)",
@@ -146,6 +153,23 @@ fn unit() -> Result<()> {
         EBPF_CRATE,
         "--doc",
     ]))
+}
+
+/// Unprivileged integration tests: everything in tests/tests that is not a host_ or vm_ test.
+fn integration(filter: Option<&str>) -> Result<()> {
+    let targets: Vec<String> = test_targets("", filter)?
+        .into_iter()
+        .filter(|t| !t.starts_with("host_") && !t.starts_with("vm_"))
+        .collect();
+    if targets.is_empty() {
+        bail!("no unprivileged tests/tests/*.rs matched; nothing would be tested");
+    }
+    build_agent()?;
+    let mut c = cargo(&["test", "-p", "qkd-macsec-tests"]);
+    for t in &targets {
+        c.args(["--test", t]);
+    }
+    util::run(&mut c)
 }
 
 /// The agent binary that integration tests start (`qkd_macsec_tests::agent_bin`).
@@ -285,6 +309,9 @@ fn build_test_binaries(targets: &[String]) -> Result<Vec<(String, PathBuf)>> {
             bins.push((name.to_owned(), PathBuf::from(exe)));
         }
     }
+    // Cargo reports artifacts in completion order; run them in name order every time.
+    bins.sort();
+    bins.dedup();
     for t in targets {
         if !bins.iter().any(|(n, _)| n == t) {
             return Err(anyhow!(

@@ -248,6 +248,12 @@ fn boot(image: &VmImage, job: &Job, nonce: &str, script: &Path) -> Result<Outcom
         }
     }
     let mut qemu = Command::new("qemu-system-x86_64");
+    if let Some(bios) = std::env::var("QKD_MACSEC_VM_BIOS")
+        .ok()
+        .filter(|b| !b.is_empty())
+    {
+        qemu.args(["-bios", &bios]);
+    }
     qemu.args([
         "-nodefaults",
         "-no-user-config",

@@ -195,6 +195,8 @@ pub(crate) struct Shared {
     pub answered: Answered,
     /// TLS connections accepted (handshake completed), both KMEs.
     pub connections: AtomicU64,
+    /// Connections closed by the drop_connections fault.
+    pub dropped: AtomicU64,
 }
 
 impl Shared {
@@ -286,6 +288,7 @@ impl KmeSim {
             drop_epoch: [watch::channel(0).0, watch::channel(0).0],
             answered: Answered::default(),
             connections: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
         });
         let (shutdown, _) = watch::channel(false);
         let mut tasks = vec![
@@ -351,14 +354,15 @@ mod tests {
     #[test]
     fn config_validation_names_the_bad_value() {
         assert!(SimConfig::default().validate().is_ok());
-        let cases: Vec<(Box<dyn Fn(&mut SimConfig)>, &str)> = vec![
-            (Box::new(|c| c.link.key_size = 100), "100"),
-            (Box::new(|c| c.link.key_size = 8192), "8192"),
-            (Box::new(|c| c.link.key_rate = f64::NAN), "key rate"),
-            (Box::new(|c| c.link.qber = 2.0), "QBER"),
-            (Box::new(|c| c.max_key_per_request = 0), "at least 1"),
-            (Box::new(|c| c.saes_b = vec![]), "at least one SAE"),
-            (Box::new(|c| c.saes_b = vec!["sae-a".into()]), "sae-a"),
+        type Mutate = fn(&mut SimConfig);
+        let cases: Vec<(Mutate, &str)> = vec![
+            (|c| c.link.key_size = 100, "100"),
+            (|c| c.link.key_size = 8192, "8192"),
+            (|c| c.link.key_rate = f64::NAN, "key rate"),
+            (|c| c.link.qber = 2.0, "QBER"),
+            (|c| c.max_key_per_request = 0, "at least 1"),
+            (|c| c.saes_b = vec![], "at least one SAE"),
+            (|c| c.saes_b = vec!["sae-a".into()], "sae-a"),
         ];
         for (f, needle) in cases {
             let mut c = SimConfig::default();

@@ -16,7 +16,7 @@ pub(crate) mod nl;
 mod rollover;
 mod types;
 
-pub use bench::{run_bench, BenchOptions};
+pub use bench::{run_bench, BenchOptions, BenchResult};
 pub use rollover::{PeerRxConfirmation, RetireSchedule, RxPrepared, TxActivated};
 pub use types::{
     An, Cipher, KeyId, LinkConfig, MacsecLink, RxScState, RxScStats, SaKey, SaState, SaStats, Salt,
@@ -147,6 +147,14 @@ pub struct Macsec {
     route: NlConn,
     genl: NlConn,
     family: u16,
+}
+
+impl std::fmt::Debug for Macsec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Macsec")
+            .field("genl_family", &self.family)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Macsec {

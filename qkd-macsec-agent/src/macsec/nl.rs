@@ -290,31 +290,32 @@ impl NlConn {
         Ok(())
     }
 
-    /// Sends `msg` (which must carry NLM_F_ACK) and waits for its acknowledgement. The
-    /// writer's buffer is wiped when `msg` is dropped at the end of this call.
-    pub(crate) fn request_ack(&mut self, mut msg: MsgWriter) -> Result<(), NlError> {
+    /// Sends `msg` straight out of its zeroizing buffer (no copy of the request is made) and
+    /// drops it, wiping a key it may carry, before any reply is read. Returns the sequence.
+    fn send_msg(&mut self, mut msg: MsgWriter) -> Result<u32, NlError> {
         let seq = self.next_seq();
-        // The socket reads straight out of the zeroizing buffer; no copy of the request exists.
         let bytes = msg.finish(seq)?;
         let sent = self
             .sock
             .send(bytes, Msg::empty())
             .map(|n| n == bytes.len());
-        // Wipe the request (it may hold a key) before waiting for the answer.
         drop(msg);
         if !sent? {
             return Err(NlError::Malformed("short netlink send"));
         }
+        Ok(seq)
+    }
+
+    /// Sends `msg` (which must carry NLM_F_ACK) and waits for its acknowledgement.
+    pub(crate) fn request_ack(&mut self, msg: MsgWriter) -> Result<(), NlError> {
+        let seq = self.send_msg(msg)?;
         self.wait(seq, |_, _| {})
     }
 
     /// Sends `msg` and collects the payload (after the nlmsghdr) of every reply message until the
     /// ack or NLMSG_DONE. Used for GET requests and dumps.
-    pub(crate) fn request_collect(&mut self, mut msg: MsgWriter) -> Result<Vec<Vec<u8>>, NlError> {
-        let seq = self.next_seq();
-        let bytes = msg.finish(seq)?.to_vec();
-        drop(msg);
-        self.send_raw(&bytes)?;
+    pub(crate) fn request_collect(&mut self, msg: MsgWriter) -> Result<Vec<Vec<u8>>, NlError> {
+        let seq = self.send_msg(msg)?;
         let mut out = Vec::new();
         self.wait(seq, |_, payload| out.push(payload.to_vec()))?;
         Ok(out)
