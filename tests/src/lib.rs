@@ -150,7 +150,7 @@ impl NetNs {
         let name = format!("{prefix}-{}-{n}", std::process::id());
         run(&[ip_bin(), "netns", "add", &name]);
         let ns = NetNs { name };
-        ns.ip(&["link", "set", "lo", "up"]);
+        ns.ip(&["link", "set", "dev", "lo", "up"]);
         ns
     }
 
@@ -364,15 +364,16 @@ pub fn veth_pair(a: &NetNs, a_if: &str, b: &NetNs, b_if: &str) -> VethPair {
     let n = VETH_COUNTER.fetch_add(1, Ordering::Relaxed) as u8;
     let a_mac = Mac([0x02, 0, 0, 0, n, 0x01]);
     let b_mac = Mac([0x02, 0, 0, 0, n, 0x02]);
-    // Created inside `a` so that no name ever appears in the host namespace.
+    // Created inside `a` so that no name ever appears in the host namespace. `name` and `dev` are
+    // explicit: ip matches keyword prefixes, so a bare "ma" would be read as "master".
     a.ip_batch(&[
         &format!(
-            "link add {a_if} address {a_mac} type veth peer name {b_if} address {b_mac} netns {}",
+            "link add name {a_if} address {a_mac} type veth peer name {b_if} address {b_mac} netns {}",
             b.name()
         ),
-        &format!("link set {a_if} up"),
+        &format!("link set dev {a_if} up"),
     ]);
-    b.ip(&["link", "set", b_if, "up"]);
+    b.ip(&["link", "set", "dev", b_if, "up"]);
     VethPair {
         a_if: a_if.to_owned(),
         a_mac,

@@ -70,7 +70,7 @@ fn setup(cipher: Cipher, key_a: &str, key_b: &str, b_expects_from_a: &str) -> (E
         // One `ip -batch` per end: every process start costs noticeable time in the VM.
         let cmds = [
             format!(
-                "link add link veth0 macsec0 type macsec port 1 encrypt on cipher {}",
+                "link add link veth0 name macsec0 type macsec port 1 encrypt on cipher {}",
                 cipher.name()
             ),
             format!(

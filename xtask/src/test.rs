@@ -309,6 +309,9 @@ fn build_test_binaries(targets: &[String]) -> Result<Vec<(String, PathBuf)>> {
             bins.push((name.to_owned(), PathBuf::from(exe)));
         }
     }
+    // Cargo reports artifacts in completion order; run them in name order every time.
+    bins.sort();
+    bins.dedup();
     for t in targets {
         if !bins.iter().any(|(n, _)| n == t) {
             return Err(anyhow!(

@@ -524,13 +524,25 @@ pub async fn diagnose(input: &DoctorInput) -> Report {
         .unwrap_or_else(|| "doctor-probe".into());
     let probe = async {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
-        tokio::spawn(conn);
+        let conn_task = tokio::spawn(conn);
         let req = hyper::Request::get(format!("/api/v1/keys/{slave}/status"))
             .header("host", host.as_str())
             .header("accept", "application/json")
             .body(Empty::<Bytes>::new())
             .map_err(|e| DoctorHttpError::Other(e.to_string()))?;
-        let resp = sender.send_request(req).await?;
+        let resp = match sender.send_request(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                // The connection task may have met the KME's alert first; its error names the
+                // cause, the request's own error only says the connection went away.
+                if let Ok(Ok(Err(conn_err))) =
+                    tokio::time::timeout(Duration::from_secs(1), conn_task).await
+                {
+                    return Err(DoctorHttpError::Hyper(conn_err));
+                }
+                return Err(DoctorHttpError::Hyper(e));
+            }
+        };
         let code = resp.status();
         let ct = resp
             .headers()

@@ -329,6 +329,19 @@ mod tests {
         }
         let sae = tls::load_certs("c", &dir.join("sae-b.pem")).unwrap();
         assert_eq!(tls::sae_identity(&sae[0]).as_deref(), Some("sae-b"));
+        let kme = tls::load_certs("c", &dir.join("kme-a.pem")).unwrap();
+        let desc = doctor::describe_cert(kme[0].as_ref());
+        for name in [
+            "localhost",
+            "127.0.0.1",
+            "::1",
+            "kme-a",
+            "gw1.example",
+            "serverAuth",
+        ] {
+            assert!(desc.contains(name), "{name} missing: {desc}");
+        }
+        assert!(doctor::describe_cert(sae[0].as_ref()).contains("clientAuth"));
         // A second run without --force must refuse rather than replace the CA under running KMEs.
         assert!(matches!(init(&opts), Err(CertError::Exists { .. })));
         let _ = std::fs::remove_dir_all(&dir);
