@@ -17,6 +17,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the agent: key every configured link's MACsec from QKD and watch its key lifetime.
+    Run(qkd_macsec_agent::agent::run::RunArgs),
+    /// Benchmark the key exchange's per-message cost against AES-CMAC (`cargo xtask bench agent`).
+    #[command(hide = true)]
+    BenchAgent {
+        /// Messages per measurement.
+        #[arg(long, default_value_t = 100_000)]
+        messages: usize,
+    },
     /// Print the size of the embedded eBPF object (a quick build sanity check).
     EbpfInfo,
     /// Benchmark MACsec rollovers through netlink against `ip macsec` (root, kernel with MACsec;
@@ -49,9 +58,10 @@ enum Command {
     /// Benchmark `ebpf`: per-packet cost of the XDP/TC programs (BPF_PROG_TEST_RUN).
     #[command(hide = true)]
     BenchEbpf {
-        /// Flat JSON object to merge the results into.
-        #[arg(long, default_value = "target/bench/results.json")]
-        out: std::path::PathBuf,
+        /// Also merge the results into this flat JSON object (xtask collects the printed
+        /// `bench-result:` lines otherwise).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
         /// Program runs per measurement.
         #[arg(long, default_value_t = 5_000_000)]
         repeat: u32,
@@ -99,6 +109,8 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Run(a) => qkd_macsec_agent::agent::run::run(a),
+        Command::BenchAgent { messages } => qkd_macsec_agent::agent::bench::run(messages),
         Command::EbpfInfo => {
             println!(
                 "embedded eBPF object: {} bytes",
@@ -134,7 +146,9 @@ fn main() -> anyhow::Result<()> {
             repeat,
             rounds,
         } => Ok(qkd_macsec_agent::dataplane::tool::bench(
-            &out, repeat, rounds,
+            out.as_deref(),
+            repeat,
+            rounds,
         )?),
         Command::BenchMacsec {
             rollovers,

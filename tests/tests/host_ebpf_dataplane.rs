@@ -88,7 +88,7 @@ fn lldp_project_tlv_reaches_userspace_and_malformed_lldpdus_do_not() {
         // Length past the frame: project TLV claims 200 bytes.
         {
             let mut t = tlv(127, &project);
-            t[0] = (127 << 1) | 0;
+            t[0] = 127 << 1;
             t[1] = 200;
             [head.clone(), t].concat()
         },
@@ -711,5 +711,49 @@ fn typed_errors_for_bad_requests() {
         matches!(err, DataplaneError::InterfaceGone { .. }),
         "got {err}"
     );
+    dp.shutdown(false).unwrap();
+}
+
+/// Two CPUs run past the same threshold concurrently: one event, and the per-CPU counters sum to
+/// every frame sent. veth runs XDP on the sending CPU, so two sender threads pinned to CPUs 0 and
+/// 1 drive the program on both CPUs. (Both CPUs see PN >= 100 many times over, so a per-CPU flag
+/// would send two events; the race window of a non-atomic shared flag is too small for this test
+/// to be proof against that, which is why the program uses an atomic fetch-or.)
+#[test]
+fn one_event_when_two_cpus_cross_a_threshold_together() {
+    let rig = Rig::new("pncpu");
+    let _in_a = rig.enter_a();
+    let mut dp = rig.attach();
+    let rt = rt();
+    let mut events = rt
+        .block_on(async { dp.take_events() })
+        .expect("event stream");
+    let (src, dst) = (rig.b_mac.0, rig.a_mac.0);
+    let sci = Sci::from_mac_port(src, 1);
+    let sa = SaKey {
+        direction: Direction::Rx,
+        sci,
+        an: 2,
+    };
+    dp.register_sa(sa, false, 0).unwrap();
+    dp.set_thresholds(&sa, &[100]).unwrap();
+    let per_thread = 300u32;
+    let senders: Vec<_> = (0..2usize).map(|cpu| (cpu, rig.b_sender())).collect();
+    std::thread::scope(|s| {
+        for (cpu, tx) in &senders {
+            s.spawn(move || {
+                pin_to_cpu(*cpu);
+                for pn in 1..=per_thread {
+                    tx.send_raw(&macsec(src, dst, SecTag::with_sci(sci, 2, pn), 64, b"cpu"))
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let evs = drain_events(&rt, &mut events, SETTLE);
+    assert_eq!(evs.len(), 1, "exactly one event for one threshold: {evs:?}");
+    let c = dp.sa_counters(&sa).unwrap();
+    assert_eq!(c.frames, 2 * u64::from(per_thread));
+    assert_eq!(c.highest_pn, u64::from(per_thread));
     dp.shutdown(false).unwrap();
 }

@@ -94,3 +94,20 @@ fn enter_switches_thread_namespace_and_restores_it() {
     let dev = fs::read_to_string("/proc/thread-self/net/dev").unwrap();
     assert!(!dev.contains("marker0"));
 }
+
+#[test]
+fn veth_names_that_prefix_ip_keywords_work() {
+    require_root("network namespaces");
+    // "ma" is a prefix of ip's "master" keyword, "li" of "link": both must still be names.
+    let a = NetNs::new("qmt-kw-a");
+    let b = NetNs::new("qmt-kw-b");
+    let pair = veth_pair(&a, "ma", &b, "li");
+    assert_eq!(
+        a.exec_stdout(&["cat", "/sys/class/net/ma/address"]).trim(),
+        pair.a_mac.to_string()
+    );
+    assert_eq!(
+        b.exec_stdout(&["cat", "/sys/class/net/li/address"]).trim(),
+        pair.b_mac.to_string()
+    );
+}

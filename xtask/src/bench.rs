@@ -5,7 +5,8 @@
 //! keys prefixed with the area (e.g. `kme.enc_keys_ratio`). Speed targets are checked as ratios
 //! against a baseline measured in the same run, never in timed tests.
 //!
-//! To add an area's benchmarks, extend [`area_jobs`].
+//! Or one line `bench-json: {...}` holding a flat JSON object. To add an area's benchmarks, extend
+//! [`area_jobs`].
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -18,24 +19,44 @@ use crate::util;
 
 pub const AREAS: [&str; 4] = ["kme", "macsec", "ebpf", "agent"];
 
-/// Where a benchmark runs.
-#[expect(dead_code, reason = "variants are used as areas add their benchmarks")]
+/// Where a benchmark runs and how its numbers come back.
 pub enum Where {
-    /// On the host: a command line run from the repository root.
+    /// On the host: a command line run from the repository root; prints `bench-result:` lines.
     Host(Vec<String>),
-    /// Inside the MACsec VM: a shell script body run from the repository root.
+    /// On the host: a command that merges its numbers into target/bench/results.json itself.
+    HostMerges(Vec<String>),
+    /// Inside the MACsec VM: a shell script body run from the repository root. It prints
+    /// `bench-result: <key> <value>` lines or `bench-json: {...}` (one flat object on one line);
+    /// they come back as marks, since files written in the VM are thrown away.
     Vm(String),
 }
 
-/// The benchmark jobs of one area. Empty until the area's owner adds them.
+/// The agent binary the benchmarks run (release build).
+fn agent() -> String {
+    util::repo_root()
+        .join("target/release/qkd-macsec-agent")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The benchmark jobs of one area.
 fn area_jobs(area: &str) -> Vec<Where> {
+    let agent = agent();
     match area {
-        // Rollovers through the agent's netlink layer vs `ip macsec`, under a frame stream;
-        // needs kernel MACsec, so it runs in the VM on the binary built by `prebuild`.
-        "macsec" => vec![Where::Vm(
-            "target/release/qkd-macsec-agent bench-macsec".to_owned(),
-        )],
-        "kme" | "ebpf" | "agent" => Vec::new(),
+        "kme" => vec![Where::Host(vec![agent, "bench-kme".into()])],
+        "ebpf" => vec![Where::HostMerges(vec![
+            agent,
+            "bench-ebpf".into(),
+            "--out".into(),
+            results_path().to_string_lossy().into_owned(),
+        ])],
+        // Rollovers through the agent's netlink layer vs `ip macsec` under a frame stream; needs
+        // kernel MACsec, so it runs in the VM. It prints `bench-result:` lines itself.
+        "macsec" => vec![Where::Vm(format!(
+            "{} bench-macsec",
+            util::sh_quote(&agent)
+        ))],
+        "agent" => vec![Where::Host(vec![agent, "bench-agent".into()])],
         _ => Vec::new(),
     }
 }
@@ -49,13 +70,20 @@ pub fn run(area: &str) -> Result<()> {
             AREAS.join(", ")
         ),
     };
-    for a in areas {
-        prebuild(a)?;
-        let jobs = area_jobs(a);
-        if jobs.is_empty() {
+    for a in &areas {
+        if area_jobs(a).is_empty() {
             bail!("no benchmarks registered for area {a} yet (add them in xtask/src/bench.rs)");
         }
-        for job in jobs {
+    }
+    // Benchmarks measure the optimised build.
+    let mut build = Command::new("cargo");
+    build
+        .args(["build", "--release", "-p", "qkd-macsec-agent"])
+        .current_dir(util::repo_root());
+    util::run(&mut build)?;
+    for a in areas {
+        eprintln!("[bench] area {a}");
+        for job in area_jobs(a) {
             let output = match job {
                 Where::Host(argv) => {
                     let (prog, args) = argv.split_first().context("empty bench command")?;
@@ -65,14 +93,21 @@ pub fn run(area: &str) -> Result<()> {
                         .stderr(Stdio::inherit());
                     util::stdout(&mut c)?
                 }
+                Where::HostMerges(argv) => {
+                    let (prog, args) = argv.split_first().context("empty bench command")?;
+                    let mut c = Command::new(prog);
+                    c.args(args).current_dir(util::repo_root());
+                    util::run(&mut c)?;
+                    continue;
+                }
                 Where::Vm(body) => {
                     let job = crate::vm::Job {
                         cwd: util::repo_root(),
                         env: crate::vm::passthrough_env(),
-                        // Results come back as marks, since the console is the only channel.
                         body: format!(
                             "( {body} ) | while IFS= read -r l; do case \"$l\" in \
-                             'bench-result: '*) mark \"$l\";; *) echo \"$l\";; esac; done\n"
+                             'bench-result: '*|'bench-json: '*) mark \"$l\";; \
+                             *) echo \"$l\";; esac; done\n"
                         ),
                         timeout: crate::vm::timeout(None)?,
                     };
@@ -85,32 +120,31 @@ pub fn run(area: &str) -> Result<()> {
             };
             let results = parse_results(&output)?;
             if results.is_empty() {
-                bail!("a benchmark of area {a} reported no `bench-result:` lines");
+                bail!("a benchmark of area {a} reported no results");
             }
             merge(&results)?;
         }
     }
+    eprintln!("[bench] results in {}", results_path().display());
     Ok(())
 }
 
-/// Builds what an area's VM jobs run: the VM (TCG) runs host-built binaries, it does not build.
-fn prebuild(area: &str) -> Result<()> {
-    if area == "macsec" {
-        util::run(
-            util::cmd(
-                "cargo",
-                &["build", "--release", "-p", "qkd-macsec-agent", "--bins"],
-            )
-            .current_dir(util::repo_root()),
-        )?;
-    }
-    Ok(())
-}
-
-fn parse_results(output: &str) -> Result<BTreeMap<String, f64>> {
+fn parse_results(output: &str) -> Result<BTreeMap<String, serde_json::Value>> {
     let mut m = BTreeMap::new();
     for line in output.lines() {
-        let Some(rest) = line.trim().strip_prefix("bench-result:") else {
+        let line = line.trim();
+        if let Some(json) = line.strip_prefix("bench-json:") {
+            let obj: serde_json::Map<String, serde_json::Value> = serde_json::from_str(json.trim())
+                .with_context(|| format!("bench-json line is not a JSON object: {json}"))?;
+            for (k, v) in obj {
+                if v.is_object() || v.is_array() {
+                    bail!("bench-json key {k} is not a flat value: {v}");
+                }
+                m.insert(k, v);
+            }
+            continue;
+        }
+        let Some(rest) = line.strip_prefix("bench-result:") else {
             continue;
         };
         let mut w = rest.split_whitespace();
@@ -120,7 +154,7 @@ fn parse_results(output: &str) -> Result<BTreeMap<String, f64>> {
         let v: f64 = v
             .parse()
             .with_context(|| format!("bench line {line:?}: {v:?} is not a number"))?;
-        m.insert(k.to_owned(), v);
+        m.insert(k.to_owned(), serde_json::json!(v));
     }
     Ok(m)
 }
@@ -130,7 +164,7 @@ fn results_path() -> PathBuf {
 }
 
 /// Merges `new` into target/bench/results.json, keeping other keys.
-pub fn merge(new: &BTreeMap<String, f64>) -> Result<()> {
+pub fn merge(new: &BTreeMap<String, serde_json::Value>) -> Result<()> {
     let path = results_path();
     let mut all: serde_json::Map<String, serde_json::Value> = match fs::read_to_string(&path) {
         Ok(s) => serde_json::from_str(&s)
@@ -138,7 +172,7 @@ pub fn merge(new: &BTreeMap<String, f64>) -> Result<()> {
         Err(_) => serde_json::Map::new(),
     };
     for (k, v) in new {
-        all.insert(k.clone(), serde_json::json!(v));
+        all.insert(k.clone(), v.clone());
         eprintln!("[bench] {k} = {v}");
     }
     fs::create_dir_all(path.parent().expect("has parent"))?;
@@ -155,6 +189,9 @@ mod tests {
         let m = parse_results("noise\nbench-result: kme.x 1.5\n  bench-result: kme.y 2\n").unwrap();
         assert_eq!(m.len(), 2);
         assert_eq!(m["kme.x"], 1.5);
+        let m = parse_results("bench-json: {\"macsec.a\": 2, \"macsec.cipher\": \"gcm\"}").unwrap();
+        assert_eq!(m["macsec.a"], 2);
+        assert!(parse_results("bench-json: {\"k\": {\"nested\": 1}}").is_err());
         assert!(parse_results("bench-result: kme.x fast").is_err());
         assert!(parse_results("bench-result: kme.x").is_err());
     }

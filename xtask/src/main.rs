@@ -4,11 +4,13 @@
 //!   VM kernel and initramfs). Idempotent; a second run takes seconds.
 //! - `vm-run`, `vm-runner`: run a command (or a cargo test binary) as root inside a qemu VM whose
 //!   kernel has MACsec.
-//! - `test`: every check, in order: fmt, clippy, unit tests, privileged host tests, VM tests.
+//! - `test`: every check, in order: fmt, clippy, unit tests, loopback integration tests, privileged host tests, VM tests.
 //! - `build-ebpf`: builds the eBPF object alone.
+//! - `demo`: two QKD-keyed MACsec gateways with traffic and a live view (in the VM if needed).
 //! - `bench <area>`: benchmarks, merged into target/bench/results.json.
 
 mod bench;
+mod demo;
 mod setup;
 mod test;
 mod util;
@@ -57,9 +59,9 @@ enum Cmd {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         cmd: Vec<String>,
     },
-    /// Run every check: fmt, clippy, unit tests, host tests (root), VM tests.
+    /// Run every check: fmt, clippy, unit tests, integration tests, host tests (root), VM tests.
     Test {
-        /// Run only these stages (fmt, clippy, unit, host, vm); may repeat. Default: all.
+        /// Run only these stages (fmt, clippy, unit, integration, host, vm); may repeat. Default: all.
         #[arg(long = "only", value_name = "STAGE")]
         only: Vec<test::Stage>,
         /// Only test binaries whose name contains this text (host and VM stages).
@@ -68,6 +70,21 @@ enum Cmd {
     },
     /// Build the eBPF object alone (release, bpfel-unknown-none, pinned nightly).
     BuildEbpf,
+    /// Two gateways, QKD-keyed MACsec between them, traffic and a live view; JSON summary last.
+    Demo {
+        /// Seconds of traffic once the link is secured.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Key profile: cak or sak.
+        #[arg(long, default_value = "cak")]
+        profile: String,
+        /// Datagrams per second in each direction.
+        #[arg(long, default_value_t = 200)]
+        pps: u32,
+        /// Where to run: auto (the VM when the host kernel lacks MACsec), host or vm.
+        #[arg(long, default_value = "auto")]
+        place: String,
+    },
     /// Run the benchmarks of one area (kme, macsec, ebpf, agent) or `all`.
     Bench {
         /// kme, macsec, ebpf, agent or all.
@@ -88,6 +105,17 @@ fn main() -> ExitCode {
         Cmd::VmRunner { cmd } => vm::vm_runner(cmd),
         Cmd::Test { only, filter } => test::run(&only, filter.as_deref()).map(|_| 0),
         Cmd::BuildEbpf => test::build_ebpf().map(|_| 0),
+        Cmd::Demo {
+            seconds,
+            profile,
+            pps,
+            place,
+        } => demo::run(&demo::Options {
+            seconds,
+            profile,
+            pps,
+            place,
+        }),
         Cmd::Bench { area } => bench::run(&area).map(|_| 0),
     };
     match result {

@@ -262,7 +262,10 @@ fn installed_components(toolchain: &str) -> Option<BTreeSet<String>> {
 }
 
 fn toolchains() -> Result<String> {
-    let wanted: [(&str, &[&str]); 2] = [(STABLE, &["rustfmt", "clippy"]), (NIGHTLY, &["rust-src"])];
+    let wanted: [(&str, &[&str]); 2] = [
+        (STABLE, &["rustfmt", "clippy"]),
+        (NIGHTLY, &["rust-src", "clippy"]),
+    ];
     let mut notes = Vec::new();
     for (tc, comps) in wanted {
         let have = installed_components(tc);
@@ -331,6 +334,20 @@ fn bpf_linker() -> Result<String> {
     Ok(format!("{v} installed"))
 }
 
+/// The kernel version recorded by an earlier set-up, if apt's package lists have not changed since
+/// (then `apt-cache depends` would name the same package; skipping it saves seconds on a busy
+/// machine).
+fn recorded_kernel_if_apt_unchanged(cache: &Path) -> Option<String> {
+    let current = cache.join("current");
+    let recorded = fs::metadata(&current).ok()?.modified().ok()?;
+    let lists = fs::metadata("/var/lib/apt/lists").ok()?.modified().ok()?;
+    if lists >= recorded {
+        return None;
+    }
+    let v = fs::read_to_string(&current).ok()?.trim().to_owned();
+    (!v.is_empty()).then_some(v)
+}
+
 /// Resolves the generic kernel package (`linux-image-<version>`) from the metapackage.
 fn resolve_kernel_package() -> Result<String> {
     let query = || -> Result<Option<String>> {
@@ -355,7 +372,10 @@ fn resolve_kernel_package() -> Result<String> {
 
 /// Downloads and unpacks the kernel (with depmod) unless already done; returns (version, root).
 fn kernel(cache: &Path) -> Result<((String, PathBuf), String)> {
-    let pkg = resolve_kernel_package()?;
+    let pkg = match recorded_kernel_if_apt_unchanged(cache) {
+        Some(v) => format!("linux-image-{v}"),
+        None => resolve_kernel_package()?,
+    };
     let version = pkg
         .strip_prefix("linux-image-")
         .expect("checked by resolve_kernel_package")
@@ -519,7 +539,8 @@ fn build_initramfs(
         .ok_or_else(|| anyhow!("busybox not found: install busybox-static"))?;
     let order = module_load_order(&image.module_tree, VM_MODULES)?;
     let dir = cache.join(version);
-    let staging = dir.join("initramfs.staging");
+    // Per-process names: two concurrent runs may both find the image stale.
+    let staging = dir.join(format!("initramfs.staging.{}", std::process::id()));
     if staging.exists() {
         fs::remove_dir_all(&staging)?;
     }
@@ -540,7 +561,9 @@ fn build_initramfs(
     set_mode(&init, 0o755)?;
     set_mode(&staging.join("bin/busybox"), 0o755)?;
     // `cpio` itself is not installed on Debian by default; busybox's works.
-    let tmp_out = image.initramfs.with_extension("cpio.tmp");
+    let tmp_out = image
+        .initramfs
+        .with_extension(format!("cpio.tmp.{}", std::process::id()));
     let script = format!(
         "cd {} && find . | {} cpio -o -H newc > {}",
         util::sh_quote(&staging.to_string_lossy()),
@@ -552,7 +575,8 @@ fn build_initramfs(
     for e in fs::read_dir(&dir)?.flatten() {
         let name = e.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with("initramfs-") && name.ends_with(".cpio") {
+        if name.starts_with("initramfs-") && name.ends_with(".cpio") && e.path() != image.initramfs
+        {
             fs::remove_file(e.path())?;
         }
     }

@@ -1,4 +1,4 @@
-//! `cargo xtask test`: every check in order (fmt, clippy, unit, host, vm), each announced and timed;
+//! `cargo xtask test`: every check in order (fmt, clippy, unit, integration, host, vm), each announced and timed;
 //! and `cargo xtask build-ebpf`.
 
 use std::fs;
@@ -19,16 +19,19 @@ pub enum Stage {
     Clippy,
     /// unit tests and doc tests (no privileges)
     Unit,
+    /// tests/tests/*.rs that are neither host_ nor vm_: real sockets, no privileges (e.g. etsi_*)
+    Integration,
     /// tests/tests/host_*.rs as root on the host
     Host,
     /// tests/tests/vm_*.rs inside the VM, all in one boot
     Vm,
 }
 
-const ALL: [Stage; 5] = [
+const ALL: [Stage; 6] = [
     Stage::Fmt,
     Stage::Clippy,
     Stage::Unit,
+    Stage::Integration,
     Stage::Host,
     Stage::Vm,
 ];
@@ -71,15 +74,9 @@ pub fn run(only: &[Stage], filter: Option<&str>) -> Result<()> {
         let r = match stage {
             Stage::Fmt => util::run(&mut cargo(&["fmt", "--all", "--check"]))
                 .context("formatting differs; run `cargo fmt --all`"),
-            Stage::Clippy => util::run(&mut cargo(&[
-                "clippy",
-                "--workspace",
-                "--all-targets",
-                "--",
-                "-D",
-                "warnings",
-            ])),
+            Stage::Clippy => clippy(),
             Stage::Unit => unit(),
+            Stage::Integration => integration(filter),
             Stage::Host => host(filter),
             Stage::Vm => vm_stage(filter),
         };
@@ -104,16 +101,75 @@ pub fn run(only: &[Stage], filter: Option<&str>) -> Result<()> {
 fn describe(s: Stage) -> &'static str {
     match s {
         Stage::Fmt => "fmt: cargo fmt --all --check",
-        Stage::Clippy => "clippy: cargo clippy --workspace --all-targets -- -D warnings",
-        Stage::Unit => "unit: cargo test --workspace --lib --bins; cargo test --workspace --doc",
+        Stage::Clippy => {
+            "clippy: cargo clippy --workspace --exclude qkd-macsec-ebpf --all-targets -- -D warnings; \
+             then the eBPF crate with the pinned nightly for bpfel-unknown-none"
+        }
+        Stage::Unit => {
+            "unit: cargo test --workspace --exclude qkd-macsec-ebpf --lib --bins; same with --doc"
+        }
+        Stage::Integration => {
+            "integration: tests/tests/*.rs other than host_* and vm_* (loopback sockets, no privileges)"
+        }
         Stage::Host => "host: tests/tests/host_*.rs as root (--test-threads=1)",
         Stage::Vm => "vm: tests/tests/vm_*.rs inside the MACsec VM, one boot (--test-threads=1)",
     }
 }
 
+/// The eBPF crate only builds for bpfel-unknown-none (on the host its no_std bin fails with
+/// "unwinding panics are not supported without std"), so host-target cargo commands exclude it
+/// and it gets its own clippy run with the pinned nightly.
+const EBPF_CRATE: &str = "qkd-macsec-ebpf";
+
+fn clippy() -> Result<()> {
+    util::run(&mut cargo(&[
+        "clippy",
+        "--workspace",
+        "--exclude",
+        EBPF_CRATE,
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    let mut c = ebpf_cargo("clippy");
+    c.args(["--", "-D", "warnings"]);
+    util::run(&mut c).context("clippy on the eBPF crate (pinned nightly, bpfel-unknown-none)")
+}
+
 fn unit() -> Result<()> {
-    util::run(&mut cargo(&["test", "--workspace", "--lib", "--bins"]))?;
-    util::run(&mut cargo(&["test", "--workspace", "--doc"]))
+    util::run(&mut cargo(&[
+        "test",
+        "--workspace",
+        "--exclude",
+        EBPF_CRATE,
+        "--lib",
+        "--bins",
+    ]))?;
+    util::run(&mut cargo(&[
+        "test",
+        "--workspace",
+        "--exclude",
+        EBPF_CRATE,
+        "--doc",
+    ]))
+}
+
+/// Unprivileged integration tests: everything in tests/tests that is not a host_ or vm_ test.
+fn integration(filter: Option<&str>) -> Result<()> {
+    let targets: Vec<String> = test_targets("", filter)?
+        .into_iter()
+        .filter(|t| !t.starts_with("host_") && !t.starts_with("vm_"))
+        .collect();
+    if targets.is_empty() {
+        bail!("no unprivileged tests/tests/*.rs matched; nothing would be tested");
+    }
+    build_agent()?;
+    let mut c = cargo(&["test", "-p", "qkd-macsec-tests"]);
+    for t in &targets {
+        c.args(["--test", t]);
+    }
+    util::run(&mut c)
 }
 
 /// The agent binary that integration tests start (`qkd_macsec_tests::agent_bin`).
@@ -253,6 +309,9 @@ fn build_test_binaries(targets: &[String]) -> Result<Vec<(String, PathBuf)>> {
             bins.push((name.to_owned(), PathBuf::from(exe)));
         }
     }
+    // Cargo reports artifacts in completion order; run them in name order every time.
+    bins.sort();
+    bins.dedup();
     for t in targets {
         if !bins.iter().any(|(n, _)| n == t) {
             return Err(anyhow!(
@@ -266,34 +325,8 @@ fn build_test_binaries(targets: &[String]) -> Result<Vec<(String, PathBuf)>> {
 /// `cargo xtask build-ebpf`: the same cargo command aya-build runs from the agent's build.rs.
 pub fn build_ebpf() -> Result<()> {
     let t = Instant::now();
-    let target_dir = util::repo_root().join("target").join("ebpf");
-    let mut c = cmd(
-        "rustup",
-        &[
-            "run",
-            setup::NIGHTLY,
-            "cargo",
-            "build",
-            "--package",
-            "qkd-macsec-ebpf",
-            "--bins",
-            "--release",
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-        ],
-    );
-    c.arg("--target-dir")
-        .arg(&target_dir)
-        .current_dir(util::repo_root())
-        // Same flags as aya-build: BTF for the loader, target arch for aya-ebpf's cfgs.
-        .env(
-            "CARGO_ENCODED_RUSTFLAGS",
-            "--cfg=bpf_target_arch=\"x86_64\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf",
-        )
-        .env_remove("RUSTC")
-        .env_remove("RUSTC_WORKSPACE_WRAPPER");
+    let target_dir = ebpf_target_dir();
+    let mut c = ebpf_cargo("build");
     util::run(&mut c)
         .context("eBPF build failed; `cargo xtask setup` installs the nightly and bpf-linker")?;
     let obj = target_dir.join("bpfel-unknown-none/release/qkd-macsec");
@@ -306,4 +339,40 @@ pub fn build_ebpf() -> Result<()> {
         secs(t)
     );
     Ok(())
+}
+
+fn ebpf_target_dir() -> PathBuf {
+    util::repo_root().join("target").join("ebpf")
+}
+
+/// `cargo <sub>` for the eBPF crate the way aya-build runs it from the agent's build.rs: pinned
+/// nightly, bpfel-unknown-none, build-std=core, release, with BTF and the target-arch cfg.
+fn ebpf_cargo(sub: &str) -> Command {
+    let mut c = cmd(
+        "rustup",
+        &[
+            "run",
+            setup::NIGHTLY,
+            "cargo",
+            sub,
+            "--package",
+            EBPF_CRATE,
+            "--bins",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ],
+    );
+    c.arg("--target-dir")
+        .arg(ebpf_target_dir())
+        .current_dir(util::repo_root())
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "--cfg=bpf_target_arch=\"x86_64\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf",
+        )
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER");
+    c
 }

@@ -248,6 +248,12 @@ fn boot(image: &VmImage, job: &Job, nonce: &str, script: &Path) -> Result<Outcom
         }
     }
     let mut qemu = Command::new("qemu-system-x86_64");
+    if let Some(bios) = std::env::var("QKD_MACSEC_VM_BIOS")
+        .ok()
+        .filter(|b| !b.is_empty())
+    {
+        qemu.args(["-bios", &bios]);
+    }
     qemu.args([
         "-nodefaults",
         "-no-user-config",
@@ -329,13 +335,18 @@ fn boot(image: &VmImage, job: &Job, nonce: &str, script: &Path) -> Result<Outcom
             let _ = child.wait();
             dump_boot_log(&boot_log, started.is_none());
             bail!(
-                "VM run timed out after {} s ({}); raise it with --timeout or \
+                "VM run timed out after {} s ({}{}); raise it with --timeout or \
                  QKD_MACSEC_VM_TIMEOUT",
                 job.timeout.as_secs(),
                 if started.is_some() {
                     "the command was still running"
                 } else {
                     "the VM never finished booting"
+                },
+                if marks.is_empty() {
+                    String::new()
+                } else {
+                    format!("; reported so far: {}", marks.join("; "))
                 }
             );
         }
@@ -398,8 +409,13 @@ fn boot(image: &VmImage, job: &Job, nonce: &str, script: &Path) -> Result<Outcom
         None => {
             dump_boot_log(&boot_log, true);
             bail!(
-                "the VM stopped without a result line (qemu {}){}; {}",
+                "the VM stopped without a result line (qemu {}){}{}; {}",
                 qemu_status.map_or("status unknown".to_owned(), |s| s.to_string()),
+                if marks.is_empty() {
+                    String::new()
+                } else {
+                    format!(", after reporting: {}", marks.join("; "))
+                },
                 if qemu_err.trim().is_empty() {
                     String::new()
                 } else {

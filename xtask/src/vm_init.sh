@@ -59,8 +59,14 @@ ip link set lo up 2>/dev/null
 
 [ -r "$R$qkd_job" ] || fail "job script $qkd_job not visible in the VM"
 echo "QKD-VM-START $qkd_nonce"
-env -i /bin/chroot $R /bin/sh "$qkd_job"
-rc=$?
+# Through a pipe rather than straight to the console: the job's output is not a terminal, so
+# programs behave as they do under CI (no colours, no interactive prompts).
+echo 125 > /qkd_rc
+(
+    env -i /bin/chroot $R /bin/sh "$qkd_job" < /dev/null
+    echo $? > /qkd_rc
+) 2>&1 | cat
+rc=$(cat /qkd_rc)
 echo "QKD-VM-RESULT $qkd_nonce $rc"
 sync
 poweroff -f

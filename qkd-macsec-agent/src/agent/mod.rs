@@ -1,1 +1,6 @@
-//! See the crate documentation for what this module owns.
+//! The agent: per-link control logic ([`core`], sans-IO) and the IO loop that drives it with
+//! the real KME client, kernel MACsec, the eBPF data plane and LLDP ([`run`]).
+
+pub mod bench;
+pub mod core;
+pub mod run;

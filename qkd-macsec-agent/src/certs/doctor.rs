@@ -237,23 +237,7 @@ fn refused_alert(a: &AlertDescription) -> bool {
 }
 
 fn rustls_error(e: &std::io::Error) -> Option<&rustls::Error> {
-    e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
-}
-
-fn find_rustls_in_chain<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(c) = cur {
-        if let Some(r) = c.downcast_ref::<rustls::Error>() {
-            return Some(r);
-        }
-        if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            if let Some(r) = rustls_error(io) {
-                return Some(r);
-            }
-        }
-        cur = c.source();
-    }
-    None
+    tls::find_rustls_error(e)
 }
 
 /// Runs the diagnosis. Never fails: every problem is a finding.
@@ -572,7 +556,7 @@ pub async fn diagnose(input: &DoctorInput) -> Report {
         }
         Ok(Err(e)) => {
             let rustls_err = match &e {
-                DoctorHttpError::Hyper(h) => find_rustls_in_chain(h),
+                DoctorHttpError::Hyper(h) => tls::find_rustls_error(h),
                 DoctorHttpError::Other(_) => None,
             };
             match rustls_err {

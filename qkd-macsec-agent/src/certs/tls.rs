@@ -165,3 +165,80 @@ pub fn sae_identity(cert: &CertificateDer<'_>) -> Option<String> {
         _ => None,
     })
 }
+
+/// The rustls error somewhere in an error chain. io::Error needs unwrapping by hand: its
+/// `source()` skips the error it wraps (and tokio-rustls nests io::Errors).
+pub fn find_rustls_error<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a rustls::Error> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if let Some(r) = c.downcast_ref::<rustls::Error>() {
+            return Some(r);
+        }
+        if let Some(inner) = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            let inner: &(dyn std::error::Error + 'static) = inner;
+            if let Some(r) = find_rustls_error(inner) {
+                return Some(r);
+            }
+        }
+        cur = c.source();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::certs::{Ca, LeafSpec};
+
+    fn der(pem: &str) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn sae_identity_prefers_cn_then_san() {
+        let ca = Ca::new("t", 1).unwrap();
+        let with_cn = ca.issue(&LeafSpec::client("sae-7", 1)).unwrap();
+        assert_eq!(
+            sae_identity(&der(&with_cn.cert_pem)).as_deref(),
+            Some("sae-7")
+        );
+        let mut spec = LeafSpec::client("", 1);
+        spec.sans = vec!["sae-from-san".into()];
+        let san_only = ca.issue(&spec).unwrap();
+        assert_eq!(
+            sae_identity(&der(&san_only.cert_pem)).as_deref(),
+            Some("sae-from-san")
+        );
+        assert_eq!(sae_identity(&CertificateDer::from(vec![1, 2, 3])), None);
+    }
+
+    #[test]
+    fn missing_and_empty_files_are_named() {
+        let dir = std::env::temp_dir().join(format!("qkd-tls-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = dir.join("nope.pem");
+        let e = load_certs("CA certificate", &missing)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("nope.pem") && e.contains("CA certificate"),
+            "{e}"
+        );
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not pem at all\n").unwrap();
+        assert!(matches!(
+            load_certs("c", &empty),
+            Err(CertError::NoPem { .. })
+        ));
+        assert!(matches!(
+            load_key("k", &empty),
+            Err(CertError::NoPem { .. })
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

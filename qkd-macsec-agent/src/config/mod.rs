@@ -339,8 +339,9 @@ impl Default for CakProfile {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Lldp {
-    /// OUI or CID as `xx:xx:xx`. Default `ac:de:48` (registered by the IEEE as "private"; use
-    /// your organisation's own OUI in production).
+    /// OUI or CID as `xx:xx:xx`. Default `5a:51:4b` (locally administered, "ZQK": the
+    /// project's default, [`qkd_macsec_common::LLDP_OUI`]; use your organisation's own OUI/CID
+    /// in production).
     pub oui: String,
     /// Organizationally defined subtype. Default 1.
     pub subtype: u8,
@@ -349,8 +350,8 @@ pub struct Lldp {
 impl Default for Lldp {
     fn default() -> Self {
         Self {
-            oui: "ac:de:48".into(),
-            subtype: 1,
+            oui: "5a:51:4b".into(),
+            subtype: qkd_macsec_common::LLDP_SUBTYPE,
         }
     }
 }
@@ -740,7 +741,7 @@ fn validate_link(l: &Link, f: &dyn Fn(&str) -> String) -> Result<(), (String, St
         return Err((
             f("lldp.oui"),
             format!(
-                "{:?} is not an OUI; write three hex bytes like \"ac:de:48\"",
+                "{:?} is not an OUI; write three hex bytes like \"5a:51:4b\"",
                 l.lldp.oui
             ),
         ));

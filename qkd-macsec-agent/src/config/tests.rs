@@ -26,7 +26,7 @@ fn sample_config_loads() {
     assert_eq!(a.profile, ProfileKind::Sak);
     assert_eq!(a.role(), Role::Master, "SAE_A < SAE_B");
     assert_eq!(a.sak.buffer, 10);
-    assert_eq!(a.lldp.oui_bytes(), [0xac, 0xde, 0x48]);
+    assert_eq!(a.lldp.oui_bytes(), qkd_macsec_common::LLDP_OUI);
     let b = &cfg.link[1];
     assert_eq!(b.label(), "macsec1");
     assert_eq!(b.profile, ProfileKind::Cak);

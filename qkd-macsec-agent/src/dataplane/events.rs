@@ -178,7 +178,8 @@ impl EventStream {
         self.pending.pop_front()
     }
 
-    /// Waits for the next event.
+    /// Waits for the next event. Cancel-safe (fine in `tokio::select!`): records already read
+    /// from the ring wait in an internal queue, and a cancelled wait consumes nothing.
     pub async fn next(&mut self) -> Result<DataplaneEvent, DataplaneError> {
         loop {
             if let Some(ev) = self.try_next() {

@@ -223,13 +223,21 @@ impl Dataplane {
             let old = PinnedLink::from_pin(&pin).map_err(|e| attach_err(PROG_XDP, &ifname, &e))?;
             let link = XdpLink::try_from(FdLink::from(old))
                 .map_err(|e| attach_err(PROG_XDP, &ifname, &e))?;
-            let id = prog
-                .attach_to_link(link)
-                .map_err(|e| attach_err(PROG_XDP, &ifname, &e))?;
-            // The pin keeps the link; our fd may go.
-            drop(prog.take_link(id));
-            self.xdp = Some(pin);
-            return Ok(());
+            match prog.attach_to_link(link) {
+                Ok(id) => {
+                    // The pin keeps the link; our fd may go.
+                    drop(prog.take_link(id));
+                    self.xdp = Some(pin);
+                    return Ok(());
+                }
+                Err(e) if errno_of(&e) == Some(libc::ENOLINK) => {
+                    // The link's device is gone (the interface was deleted and re-created): the
+                    // pin is stale. Replace it with a fresh attachment below.
+                    tracing::warn!(ifname, pin = %pin.display(), "stale XDP link pin replaced");
+                    remove_pin(&pin)?;
+                }
+                Err(e) => return Err(attach_err(PROG_XDP, &ifname, &e)),
+            }
         }
         let modes: &[XdpMode] = match mode {
             XdpAttachMode::Auto => &[XdpMode::Driver, XdpMode::Skb],
@@ -286,13 +294,23 @@ impl Dataplane {
         };
         if use_tcx {
             self.tc_backend = TcBackend::Tcx;
-            let id = if pin.exists() {
+            let mut replaced = None;
+            if pin.exists() {
                 let old =
                     PinnedLink::from_pin(&pin).map_err(|e| attach_err(PROG_TC, &ifname, &e))?;
                 let link = SchedClassifierLink::try_from(FdLink::from(old))
                     .map_err(|e| attach_err(PROG_TC, &ifname, &e))?;
-                prog.attach_to_link(link)
-                    .map_err(|e| attach_err(PROG_TC, &ifname, &e))?
+                match prog.attach_to_link(link) {
+                    Ok(id) => replaced = Some(id),
+                    Err(e) if errno_of(&e) == Some(libc::ENOLINK) => {
+                        tracing::warn!(ifname, pin = %pin.display(), "stale TCX link pin replaced");
+                        remove_pin(&pin)?;
+                    }
+                    Err(e) => return Err(attach_err(PROG_TC, &ifname, &e)),
+                }
+            }
+            let id = if let Some(id) = replaced {
+                id
             } else {
                 let id = prog
                     .attach(
@@ -750,6 +768,13 @@ impl Drop for Dataplane {
             std::mem::forget(l);
         }
     }
+}
+
+fn remove_pin(path: &Path) -> Result<(), DataplaneError> {
+    std::fs::remove_file(path).map_err(|source| DataplaneError::Pin {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn take<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, DataplaneError>

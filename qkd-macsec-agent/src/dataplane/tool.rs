@@ -1,7 +1,7 @@
 //! Entry points of the hidden `dataplane-hold` and `bench-ebpf` subcommands.
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::{run_benchmark, Dataplane, DataplaneError, DataplaneOptions};
 
@@ -30,9 +30,17 @@ pub fn hold(ifname: &str, bpffs_root: &Path, stall: bool) -> Result<(), Dataplan
     }
 }
 
-/// Runs the benchmark, prints the numbers and merges them into the flat JSON object at `out`.
-pub fn bench(out: &Path, repeat: u32, rounds: usize) -> Result<(), DataplaneError> {
+/// Runs the benchmark and prints one `bench-result: <key> <value>` line per number (the format
+/// `cargo xtask bench ebpf` collects into target/bench/results.json). With `out`, also merges
+/// them into that flat JSON object itself (for runs outside xtask).
+pub fn bench(out: Option<&Path>, repeat: u32, rounds: usize) -> Result<(), DataplaneError> {
     let results = run_benchmark(repeat, rounds)?;
+    for r in &results {
+        println!("bench-result: {} {:.2}", r.key, r.ns_per_pkt);
+    }
+    let Some(out) = out else {
+        return Ok(());
+    };
     let io = |context: String| move |source| DataplaneError::Io { context, source };
     let mut obj = match std::fs::read_to_string(out) {
         Ok(s) => match serde_json::from_str::<serde_json::Value>(&s) {
@@ -48,7 +56,6 @@ pub fn bench(out: &Path, repeat: u32, rounds: usize) -> Result<(), DataplaneErro
         Err(e) => return Err(io(format!("reading {}", out.display()))(e)),
     };
     for r in &results {
-        println!("{:<40} {:>8.2} ns", r.key, r.ns_per_pkt);
         obj.insert(
             r.key.clone(),
             serde_json::Value::from((r.ns_per_pkt * 100.0).round() / 100.0),
@@ -61,9 +68,4 @@ pub fn bench(out: &Path, repeat: u32, rounds: usize) -> Result<(), DataplaneErro
         .expect("a JSON object serialises");
     std::fs::write(out, text + "\n").map_err(io(format!("writing {}", out.display())))?;
     Ok(())
-}
-
-/// Default results file.
-pub fn default_results_path() -> PathBuf {
-    PathBuf::from("target/bench/results.json")
 }

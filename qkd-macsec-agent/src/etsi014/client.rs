@@ -67,6 +67,8 @@ pub enum Etsi014Error {
         attempts: u32,
         detail: String,
     },
+    #[error("TLS with KME {url} failed: {detail}; check the CA file, the KME's certificate and this SAE's certificate (`qkd-macsec-agent doctor kme` explains)")]
+    Handshake { url: String, detail: String },
     #[error(
         "KME {url} answered with content type {content_type:?}; ETSI 014 requires application/json"
     )]
@@ -575,6 +577,13 @@ impl KmeClient {
         }
         let mut resp = match req.send().await {
             Ok(r) => r,
+            // A certificate problem will not go away by retrying.
+            Err(e) if is_tls_config_error(&e) => {
+                return Err(Etsi014Error::Handshake {
+                    url: url.to_string(),
+                    detail: describe_reqwest(&e),
+                })
+            }
             Err(e) => return Ok(Attempt::Retry(transport(describe_reqwest(&e)))),
         };
         let status = resp.status();
@@ -722,6 +731,22 @@ fn decode_key(b64: &str) -> Option<SecretBytes> {
             None
         }
     }
+}
+
+/// True when the failure is a certificate or TLS-configuration error (ours or the KME's), as
+/// opposed to a network failure. A TLS alert from the KME that refuses our certificate counts too.
+fn is_tls_config_error(e: &reqwest::Error) -> bool {
+    matches!(
+        crate::certs::tls::find_rustls_error(e),
+        Some(
+            rustls::Error::InvalidCertificate(_)
+                | rustls::Error::AlertReceived(_)
+                | rustls::Error::NoCertificatesPresented
+                | rustls::Error::PeerIncompatible(_)
+                | rustls::Error::InvalidMessage(_)
+                | rustls::Error::InappropriateMessage { .. }
+        )
+    )
 }
 
 fn describe_reqwest(e: &reqwest::Error) -> String {

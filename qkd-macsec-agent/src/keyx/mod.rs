@@ -3,10 +3,13 @@
 //!
 //! - [`wire`]: the versioned payload format and its strict decoder.
 //! - [`auth`]: the per-key authentication key (ICK) and tag verification.
+//! - [`machine`]: the sans-IO state machine (delivery, install, retransmission, replay window,
+//!   rate limit).
 //!
 //! docs/protocol.md describes format, state machine and threat model.
 
 pub mod auth;
+pub mod machine;
 pub mod wire;
 
 use std::fmt;

@@ -35,8 +35,11 @@ pub struct BenchArgs {
     #[arg(long)]
     pub results: Option<PathBuf>,
     /// Client runtime worker threads.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 1)]
     pub client_threads: usize,
+    /// Simulator worker threads (0 = one per CPU).
+    #[arg(long, default_value_t = 1)]
+    pub sim_threads: usize,
 }
 
 struct Child(std::process::Child);
@@ -151,8 +154,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .worker_threads(args.client_threads.max(1))
         .enable_all()
         .build()?;
-    let mut out: Vec<(String, f64)> = Vec::new();
-    rt.block_on(async {
+    // Run the measurement on a worker thread (spawned), not in block_on on this thread: block_on
+    // would bounce every wake-up between this thread and the worker that drives the sockets.
+    let dir2 = dir.clone();
+    let task = rt.spawn(async move {
+        let dir = dir2;
+        let mut out: Vec<(String, f64)> = Vec::new();
         let tlsf = |sae: &str| TlsFiles {
             ca: dir.join(files::CA_CERT),
             cert: dir.join(files::cert(sae)),
@@ -232,8 +239,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             format!("kme.enc_dec_p99_ms_c{}", args.concurrency),
             percentile(&all, 0.99),
         ));
-        Ok::<_, anyhow::Error>(())
-    })?;
+        Ok::<_, anyhow::Error>(out)
+    });
+    let mut out = rt.block_on(task)??;
     if let Some(kb) = proc_status_kb(sim_pid, "VmRSS:") {
         out.push(("kme.sim_rss_mb".into(), kb as f64 / 1024.0));
     }

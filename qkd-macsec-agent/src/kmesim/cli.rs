@@ -55,6 +55,9 @@ pub struct SimArgs {
     /// Start with a full pool instead of an empty one.
     #[arg(long)]
     pub prefill: bool,
+    /// Runtime worker threads (0 = one per CPU).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
     /// KME ID of kme-a (source_KME_ID / target_KME_ID).
     #[arg(long, default_value = "kme-a")]
     pub kme_a_id: String,
@@ -102,9 +105,11 @@ pub fn run_sim(args: SimArgs) -> anyhow::Result<()> {
             args.control
         );
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if args.threads > 0 {
+        rt.worker_threads(args.threads);
+    }
+    let rt = rt.enable_all().build()?;
     rt.block_on(async move {
         let tls = SimTls::from_dir(&args.certs)?;
         let bind = |a: SocketAddr, what: &'static str| async move {

@@ -84,6 +84,10 @@ pub struct SimState {
     pub answered_401: u64,
     pub answered_503: u64,
     pub answered_other: u64,
+    /// TLS connections accepted since start (both KMEs); shows keep-alive reuse.
+    pub connections: u64,
+    /// Connections closed by the drop_connections fault.
+    pub connections_dropped: u64,
 }
 
 pub(crate) fn state(shared: &Shared) -> SimState {
@@ -114,6 +118,8 @@ pub(crate) fn state(shared: &Shared) -> SimState {
         answered_401: a.unauthorized.load(Ordering::Relaxed),
         answered_503: a.unavailable.load(Ordering::Relaxed),
         answered_other: a.other.load(Ordering::Relaxed),
+        connections: shared.connections.load(Ordering::Relaxed),
+        connections_dropped: shared.dropped.load(Ordering::Relaxed),
     }
 }
 

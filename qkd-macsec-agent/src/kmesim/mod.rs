@@ -193,6 +193,10 @@ pub(crate) struct Shared {
     pub faults: [Mutex<Faults>; 2],
     pub drop_epoch: [watch::Sender<u64>; 2],
     pub answered: Answered,
+    /// TLS connections accepted (handshake completed), both KMEs.
+    pub connections: AtomicU64,
+    /// Connections closed by the drop_connections fault.
+    pub dropped: AtomicU64,
 }
 
 impl Shared {
@@ -283,6 +287,8 @@ impl KmeSim {
             faults: Default::default(),
             drop_epoch: [watch::channel(0).0, watch::channel(0).0],
             answered: Answered::default(),
+            connections: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
         });
         let (shutdown, _) = watch::channel(false);
         let mut tasks = vec![
@@ -337,6 +343,32 @@ impl KmeSim {
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = t.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_validation_names_the_bad_value() {
+        assert!(SimConfig::default().validate().is_ok());
+        type Mutate = fn(&mut SimConfig);
+        let cases: Vec<(Mutate, &str)> = vec![
+            (|c| c.link.key_size = 100, "100"),
+            (|c| c.link.key_size = 8192, "8192"),
+            (|c| c.link.key_rate = f64::NAN, "key rate"),
+            (|c| c.link.qber = 2.0, "QBER"),
+            (|c| c.max_key_per_request = 0, "at least 1"),
+            (|c| c.saes_b = vec![], "at least one SAE"),
+            (|c| c.saes_b = vec!["sae-a".into()], "sae-a"),
+        ];
+        for (f, needle) in cases {
+            let mut c = SimConfig::default();
+            f(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(needle), "{e} lacks {needle}");
         }
     }
 }

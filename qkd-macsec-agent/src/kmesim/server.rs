@@ -47,6 +47,9 @@ pub(crate) async fn serve(
         };
         if shared.faults(side).drop_connections {
             tracing::debug!(%peer, "fault injection: dropping new connection");
+            shared
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             drop(stream);
             continue;
         }
@@ -55,6 +58,7 @@ pub(crate) async fn serve(
         let shared = shared.clone();
         let mut shutdown = shutdown.clone();
         let mut dropper = shared.drop_epoch[Shared::idx(side)].subscribe();
+        let shared_for_drop = shared.clone();
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(t)) => t,
@@ -67,6 +71,9 @@ pub(crate) async fn serve(
                     return;
                 }
             };
+            shared
+                .connections
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let caller: Option<Arc<str>> = tls
                 .get_ref()
                 .1
@@ -86,7 +93,10 @@ pub(crate) async fn serve(
                 .serve_connection(TokioIo::new(tls), svc);
             tokio::select! {
                 r = conn => if let Err(e) = r { tracing::debug!(%peer, error = %e, "KME connection ended"); },
-                _ = dropper.changed() => tracing::debug!(%peer, "fault injection: connection dropped"),
+                _ = dropper.changed() => {
+                    tracing::debug!(%peer, "fault injection: connection dropped");
+                    shared_for_drop.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 _ = shutdown.changed() => {},
             }
         });

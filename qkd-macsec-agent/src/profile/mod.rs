@@ -332,6 +332,9 @@ pub struct KeySupply {
     actions: VecDeque<SupplyAction>,
 }
 
+/// Longest wait between key requests while no key is held.
+pub const URGENT_RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// Slave-side bound on held keys beyond k: replayed ANNOUNCEs cannot grow memory without bound.
 pub const EXTRA_HELD: usize = 4;
 
@@ -380,11 +383,14 @@ impl KeySupply {
         self.consecutive_failures
     }
 
-    /// Delay before retrying after `failures` consecutive failures: doubling from 1 s, never
-    /// beyond the request interval (a failed request must not delay the schedule either).
+    /// Delay before retrying, with nothing held, after consecutive failures: doubling from
+    /// 1 s up to [`URGENT_RETRY_MAX`] (with no key the link may be stalled, and every second of
+    /// waiting is outage once the KME is back), and never beyond the request interval.
     fn retry_delay(&self) -> Duration {
         let exp = self.consecutive_failures.saturating_sub(1).min(16);
-        Duration::from_secs(1u64 << exp).min(self.p.key_request_interval)
+        Duration::from_secs(1u64 << exp)
+            .min(URGENT_RETRY_MAX)
+            .min(self.p.key_request_interval)
     }
 
     fn wants_more(&self) -> bool {

@@ -167,14 +167,14 @@ fn empty_master_retries_with_backoff_then_at_f_qkd_when_holding() {
     s.handle_timeout(t0);
     assert_eq!(drain(&mut s), vec![FETCH32]);
     let mut t = t0;
-    for expect in [1u64, 2, 4, 8] {
+    for expect in [1u64, 2, 4, 5, 5] {
         s.handle_fetch_failed(t);
         assert_eq!(s.poll_timeout(), Some(t + Duration::from_secs(expect)));
         t += Duration::from_secs(expect);
         s.handle_timeout(t);
         assert_eq!(drain(&mut s), vec![FETCH32]);
     }
-    assert_eq!(s.consecutive_failures(), 4);
+    assert_eq!(s.consecutive_failures(), 5);
     s.handle_fetched(t).unwrap();
     assert_eq!(s.consecutive_failures(), 0);
     s.handle_confirmed(kid(1), KeyRole::Sak, 1, key(1, 32), t)

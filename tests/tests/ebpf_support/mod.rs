@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use qkd_macsec_agent::dataplane::{Dataplane, DataplaneOptions, Sci};
 use qkd_macsec_agent::lldp::LldpSender;
-mod local;
-pub use local::{agent_bin, require_root, veth_pair, Mac, NetNs, NetNsEnter};
+#[allow(unused_imports, reason = "each test binary uses a different subset")]
+pub use qkd_macsec_tests::{agent_bin, require_root, veth_pair, Mac, NetNs, NetNsEnter};
 
 /// Interface names inside the rig's namespaces.
 pub const A_IF: &str = "qa0";
@@ -187,7 +187,7 @@ impl Capture {
                 std::thread::sleep(Duration::from_millis(5));
                 continue;
             }
-            if pkttype == libc::PACKET_OUTGOING as u8 {
+            if pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
             out.push(buf[..n as usize].to_vec());

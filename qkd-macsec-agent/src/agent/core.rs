@@ -1,0 +1,748 @@
+//! The per-link orchestrator: joins key exchange ([`Keyx`]), key supply ([`KeySupply`]) and the
+//! AKL watchdog ([`Watchdog`]) into one sans-IO state machine that tells the IO layer what to
+//! do ([`Command`]) and is told what happened (`handle_*`). No sockets, no clock, no randomness
+//! of its own: the IO layer injects all three.
+//!
+//! Rollover (docs/protocol.md 3.2), per link:
+//! ```text
+//! master                                         slave
+//! supply.next_sak -> PrepareRx(an)  (accepts the slave's new TX)
+//! rx prepared -> keyx INSTALL(an) ──────────►  supply.resolve_install -> PrepareRx(an)
+//!                                               rx prepared -> ActivateTx(an)
+//!                                               tx activated -> ACK(INSTALL); watchdog: active
+//! PeerInstalled ◄────────────────────────────
+//! ActivateTx(an); tx activated -> watchdog: active
+//! both: after a grace period RetireTx/RetireRx/UnwatchSa of the old AN; the old key is retired
+//! ```
+//! A fresh key installed on both ends is the only thing that lifts a stall (the watchdog's
+//! StallOff); nothing here ever re-installs a retired key.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::config::{Link, ProfileKind, Role};
+use crate::keyx::machine::{Event as KxEvent, Keyx, KeyxConfig};
+use crate::keyx::wire::{Active, KeyRole, NackReason};
+use crate::keyx::KeyId;
+use crate::profile::{KeySupply, Params, ProfileError, Sak, SupplyAction};
+use crate::secret::SecretBytes;
+use crate::watchdog::{Action as WdAction, Alarm, KeyRef, Limits, StallReason, Watchdog};
+
+/// How long an old SA stays installed after the switch, for frames still in flight or queued.
+pub const RETIRE_GRACE: Duration = Duration::from_secs(2);
+
+/// Fills a buffer from a cryptographically secure random source (KS-nonces).
+pub type NonceSource = Box<dyn FnMut(&mut [u8]) + Send>;
+
+/// Least time between two rollovers triggered by a peer that reports no active key.
+pub const PEER_RESET_HOLDOFF: Duration = Duration::from_secs(10);
+
+/// A key the master's KME returned.
+#[derive(Debug)]
+pub struct FetchedKey {
+    pub key_id: KeyId,
+    pub key: SecretBytes,
+    /// When the KME says the slave can no longer fetch it.
+    pub slave_deadline: Option<Instant>,
+}
+
+/// What the core asks the IO layer to do. Commands are executed in order; those that end in a
+/// kernel or KME result are answered with the matching `handle_*` call.
+#[derive(Debug)]
+pub enum Command {
+    /// Master: `enc_keys` for one key of `size_bytes`; answer with [`LinkCore::handle_enc_key`].
+    FetchEncKey { size_bytes: usize },
+    /// Slave: `dec_keys` for `key_id`; answer with [`LinkCore::handle_dec_key`].
+    FetchDecKey { key_id: KeyId, size_bytes: usize },
+    /// Send this payload in the project's LLDP TLV.
+    SendTlv(Vec<u8>),
+    /// Install and activate the peer's SA on `an` in the RX SC of the peer (SCI = `peer_mac`,
+    /// port 1); answer with [`LinkCore::handle_rx_prepared`].
+    PrepareRx { peer_mac: [u8; 6], an: u8, sak: Sak },
+    /// Install our TX SA on `an` and switch the encoding SA to it; answer with
+    /// [`LinkCore::handle_tx_activated`].
+    ActivateTx { an: u8, sak: Sak },
+    /// Deactivate and delete our old TX SA.
+    RetireTx { an: u8 },
+    /// Deactivate and delete the peer's old RX SA.
+    RetireRx { peer_mac: [u8; 6], an: u8 },
+    /// Set (true) or clear the data plane's stall switch.
+    SetStall(bool),
+    /// Mark our TX SA on `an` inactive in the kernel.
+    DeactivateTx { an: u8 },
+    /// Count our TX SA and the peer's RX SA on `an` and report PN crossings of `thresholds`.
+    WatchSa {
+        an: u8,
+        peer_mac: [u8; 6],
+        thresholds: [u64; 3],
+    },
+    /// Stop counting the SAs on `an`.
+    UnwatchSa { an: u8, peer_mac: [u8; 6] },
+    /// A warning or alarm for the operator (log it, show it on the status socket).
+    Report(Report),
+}
+
+/// Operator-visible conditions.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Report {
+    Warn {
+        key: KeyRef,
+        used: f64,
+    },
+    Alarm(Alarm),
+    CakExpired {
+        key_id: KeyId,
+    },
+    /// A rollover step failed; the link keeps its current key and tries another.
+    RolloverFailed {
+        detail: String,
+    },
+}
+
+#[derive(Debug)]
+enum Roll {
+    Idle,
+    MasterPreparingRx { sak: Sak, an: u8 },
+    MasterInstalling { sak: Sak, an: u8 },
+    MasterActivatingTx { sak: Sak, an: u8 },
+    SlavePreparingRx { sak: Sak, an: u8, role: KeyRole },
+    SlaveActivatingTx { sak: Sak, an: u8, role: KeyRole },
+}
+
+/// One link's control logic.
+pub struct LinkCore {
+    label: String,
+    role: Role,
+    kind: ProfileKind,
+    key_len: usize,
+    keyx: Keyx,
+    supply: KeySupply,
+    wd: Watchdog,
+    nonce: NonceSource,
+    roll: Roll,
+    rollover_wanted: bool,
+    /// The key and AN we transmit with.
+    active: Option<(KeyRef, u8)>,
+    /// The AN of the last SA we transmitted with (the next rollover uses the one after it, so
+    /// an exhausted SA that is still being removed is never reused at once).
+    last_an: Option<u8>,
+    peer_mac: Option<[u8; 6]>,
+    /// Earliest time a peer that reports no active key may trigger another rollover.
+    peer_reset_holdoff: Option<Instant>,
+    retire_at: Vec<(Instant, u8, [u8; 6])>,
+    alarms: u64,
+    last_report: Option<Report>,
+    commands: VecDeque<Command>,
+}
+
+impl std::fmt::Debug for LinkCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkCore")
+            .field("label", &self.label)
+            .field("role", &self.role)
+            .field("active", &self.active)
+            .field("stalled", &self.wd.is_stalled())
+            .finish()
+    }
+}
+
+/// A snapshot for the status socket and logs (no key material).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Status {
+    pub link: String,
+    pub role: &'static str,
+    pub profile: &'static str,
+    pub stalled: bool,
+    pub stall_reason: Option<String>,
+    pub active_key_id: Option<String>,
+    pub active_kn: Option<u32>,
+    pub active_an: Option<u8>,
+    pub used: Option<f64>,
+    pub keys_held: usize,
+    pub anchor: Option<String>,
+    pub peer_mac: Option<String>,
+    pub alarms: u64,
+    pub last_report: Option<String>,
+    pub rollover_in_progress: bool,
+}
+
+fn mac_str(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn nack_for(e: &ProfileError) -> NackReason {
+    match e {
+        ProfileError::UnknownKey { .. } => NackReason::UnknownKey,
+        ProfileError::KnReused { .. } | ProfileError::CakExpired { .. } => NackReason::Retired,
+        _ => NackReason::InstallFailed,
+    }
+}
+
+impl LinkCore {
+    /// `initial_seq`: see [`KeyxConfig::initial_seq`]. `nonce` fills KS-nonces (CAK profile)
+    /// from a cryptographic random source.
+    pub fn new(link: &Link, initial_seq: u64, nonce: NonceSource, now: Instant) -> Self {
+        let params = Params::from_link(link);
+        let tolerated = match link.profile {
+            ProfileKind::Cak => link.cak.tolerated_failures,
+            // A full buffer rides out k failed requests.
+            ProfileKind::Sak => link.sak.buffer,
+        };
+        let mut core = Self {
+            label: link.label().to_owned(),
+            role: link.role(),
+            kind: link.profile,
+            key_len: params.qkd_key_len(),
+            keyx: Keyx::new(KeyxConfig::from_link(link, initial_seq), now),
+            supply: KeySupply::new(params, now),
+            wd: Watchdog::new(Limits::from_config(&link.akl, link.cipher, tolerated)),
+            nonce,
+            roll: Roll::Idle,
+            rollover_wanted: false,
+            active: None,
+            last_an: None,
+            peer_mac: None,
+            peer_reset_holdoff: None,
+            retire_at: Vec::new(),
+            alarms: 0,
+            last_report: None,
+            commands: VecDeque::new(),
+        };
+        core.pump(now);
+        core
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn is_stalled(&self) -> bool {
+        self.wd.is_stalled()
+    }
+
+    /// The key and AN this gateway transmits with.
+    pub fn active(&self) -> Option<(KeyRef, u8)> {
+        self.active
+    }
+
+    pub fn status(&self, now: Instant) -> Status {
+        Status {
+            link: self.label.clone(),
+            role: match self.role {
+                Role::Master => "master",
+                Role::Slave => "slave",
+            },
+            profile: match self.kind {
+                ProfileKind::Cak => "cak",
+                ProfileKind::Sak => "sak",
+            },
+            stalled: self.wd.is_stalled(),
+            stall_reason: self.wd.stall_reason().map(|r| match r {
+                StallReason::NoKey => "no key installed yet".to_owned(),
+                StallReason::Exhausted(by) => format!("active key lifetime exhausted ({by:?})"),
+            }),
+            active_key_id: self.active.map(|(k, _)| k.key_id.to_string()),
+            active_kn: self.active.map(|(k, _)| k.kn),
+            active_an: self.active.map(|(_, an)| an),
+            used: self.wd.used(now),
+            keys_held: self.supply.held(),
+            anchor: self.keyx.anchor().map(|k| k.to_string()),
+            peer_mac: self.peer_mac.map(mac_str),
+            alarms: self.alarms,
+            last_report: self.last_report.as_ref().map(|r| format!("{r:?}")),
+            rollover_in_progress: !matches!(self.roll, Roll::Idle),
+        }
+    }
+
+    // ---------------- inputs ----------------
+
+    /// A project TLV payload from the LLDP frame sent by `src_mac`.
+    pub fn handle_tlv(&mut self, payload: &[u8], src_mac: [u8; 6], now: Instant) {
+        if self.keyx.handle_payload(payload, now) && self.peer_mac != Some(src_mac) {
+            // Only an authenticated message may tell us where the peer is: a forged source
+            // address could otherwise point our RX SC at the wrong SCI.
+            tracing::info!(link = %self.label, peer_mac = %mac_str(src_mac), "peer located");
+            self.peer_mac = Some(src_mac);
+        }
+        self.pump(now);
+    }
+
+    /// Master: outcome of [`Command::FetchEncKey`].
+    pub fn handle_enc_key(&mut self, result: Result<FetchedKey, String>, now: Instant) {
+        match result {
+            Ok(k) => match self.supply.handle_fetched(now) {
+                Ok(kn) => {
+                    self.wd.handle_fetch_outcome(true, now);
+                    let role = self.supply.params().key_role();
+                    if let Err(e) =
+                        self.keyx
+                            .announce(k.key_id, role, kn, k.key, now, k.slave_deadline, now)
+                    {
+                        tracing::error!(link = %self.label, error = %e, "cannot announce fetched key");
+                        self.supply.handle_lost(now);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(link = %self.label, error = %e, "key supply refused a fetched key")
+                }
+            },
+            Err(detail) => {
+                tracing::warn!(link = %self.label, %detail, "key request to the KME failed");
+                self.supply.handle_fetch_failed(now);
+                self.wd.handle_fetch_outcome(false, now);
+            }
+        }
+        self.pump(now);
+    }
+
+    /// Slave: outcome of [`Command::FetchDecKey`].
+    pub fn handle_dec_key(
+        &mut self,
+        key_id: KeyId,
+        result: Result<SecretBytes, NackReason>,
+        now: Instant,
+    ) {
+        let ok = result.is_ok();
+        if let Err(e) = self.keyx.fetched(key_id, result) {
+            tracing::warn!(link = %self.label, error = %e, "dec_keys result for a key not asked for");
+        }
+        self.wd.handle_fetch_outcome(ok, now);
+        self.pump(now);
+    }
+
+    /// Outcome of [`Command::PrepareRx`].
+    pub fn handle_rx_prepared(&mut self, an: u8, result: Result<(), String>, now: Instant) {
+        let roll = std::mem::replace(&mut self.roll, Roll::Idle);
+        self.roll = match (roll, result) {
+            (Roll::MasterPreparingRx { sak, an: a }, Ok(())) if a == an => {
+                let kr = sak.key_ref;
+                match self.keyx.install(
+                    kr.key_id,
+                    self.supply.params().key_role(),
+                    kr.kn,
+                    an,
+                    sak.nonce.clone(),
+                    now,
+                ) {
+                    Ok(()) => Roll::MasterInstalling { sak, an },
+                    Err(e) => {
+                        self.rollover_failed(
+                            format!("INSTALL of {} refused locally: {e}", kr.key_id),
+                            an,
+                            Some(kr),
+                        );
+                        Roll::Idle
+                    }
+                }
+            }
+            (Roll::MasterPreparingRx { sak, an: a }, Err(e)) if a == an => {
+                self.rollover_failed(format!("installing RX SA {an}: {e}"), an, Some(sak.key_ref));
+                Roll::Idle
+            }
+            (Roll::SlavePreparingRx { sak, an: a, role }, Ok(())) if a == an => {
+                self.commands.push_back(Command::ActivateTx {
+                    an,
+                    sak: dup_sak(&sak),
+                });
+                Roll::SlaveActivatingTx { sak, an, role }
+            }
+            (Roll::SlavePreparingRx { sak, an: a, role }, Err(e)) if a == an => {
+                tracing::error!(link = %self.label, an, error = %e, "installing RX SA failed");
+                let kr = sak.key_ref;
+                let _ =
+                    self.keyx
+                        .installed(kr.key_id, role, kr.kn, an, Err(NackReason::InstallFailed));
+                self.commands.push_back(Command::RetireRx {
+                    peer_mac: self.peer_mac.unwrap_or_default(),
+                    an,
+                });
+                Roll::Idle
+            }
+            (other, _) => {
+                tracing::warn!(link = %self.label, an, "RX SA result that no rollover waits for");
+                other
+            }
+        };
+        self.pump(now);
+    }
+
+    /// Outcome of [`Command::ActivateTx`].
+    pub fn handle_tx_activated(&mut self, an: u8, result: Result<(), String>, now: Instant) {
+        let roll = std::mem::replace(&mut self.roll, Roll::Idle);
+        self.roll = match (roll, result) {
+            (Roll::MasterActivatingTx { sak, an: a }, Ok(())) if a == an => {
+                self.activated(sak.key_ref, an, now);
+                Roll::Idle
+            }
+            (Roll::MasterActivatingTx { sak, an: a }, Err(e)) if a == an => {
+                self.rollover_failed(
+                    format!("switching TX to SA {an}: {e}"),
+                    an,
+                    Some(sak.key_ref),
+                );
+                Roll::Idle
+            }
+            (Roll::SlaveActivatingTx { sak, an: a, role }, Ok(())) if a == an => {
+                let kr = sak.key_ref;
+                let _ = self.keyx.installed(kr.key_id, role, kr.kn, an, Ok(()));
+                self.activated(kr, an, now);
+                Roll::Idle
+            }
+            (Roll::SlaveActivatingTx { sak, an: a, role }, Err(e)) if a == an => {
+                tracing::error!(link = %self.label, an, error = %e, "switching TX failed");
+                let kr = sak.key_ref;
+                let _ =
+                    self.keyx
+                        .installed(kr.key_id, role, kr.kn, an, Err(NackReason::InstallFailed));
+                Roll::Idle
+            }
+            (other, _) => {
+                tracing::warn!(link = %self.label, an, "TX SA result that no rollover waits for");
+                other
+            }
+        };
+        self.pump(now);
+    }
+
+    /// The PN of an SA on `an` (ours or the peer's: the SAK is shared, so either direction
+    /// uses up its lifetime).
+    pub fn handle_pn(&mut self, an: u8, pn: u64, now: Instant) {
+        self.wd.handle_pn(an, pn, now);
+        self.pump(now);
+    }
+
+    /// The kernel's view of our TX SA on `an`.
+    pub fn handle_sa_state(&mut self, an: u8, active: bool, next_pn: u64, now: Instant) {
+        self.wd.handle_sa_state(an, active, next_pn, now);
+        self.pump(now);
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.keyx.handle_timeout(now);
+        self.supply.handle_timeout(now);
+        self.wd.handle_timeout(now);
+        let (due, later): (Vec<_>, Vec<_>) =
+            self.retire_at.drain(..).partition(|(t, ..)| *t <= now);
+        self.retire_at = later;
+        for (_, an, peer_mac) in due {
+            // Never retire the AN we transmit with (a rollover may have come back round to it).
+            if self.active.map(|(_, a)| a) == Some(an) {
+                continue;
+            }
+            self.commands.push_back(Command::UnwatchSa { an, peer_mac });
+            self.commands.push_back(Command::RetireTx { an });
+            self.commands.push_back(Command::RetireRx { peer_mac, an });
+        }
+        self.pump(now);
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        [
+            self.keyx.poll_timeout(),
+            self.supply.poll_timeout(),
+            self.wd.poll_timeout(),
+            self.retire_at.iter().map(|(t, ..)| *t).min(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.commands.pop_front()
+    }
+
+    // ---------------- internals ----------------
+
+    fn activated(&mut self, key: KeyRef, an: u8, now: Instant) {
+        let old = self.active.replace((key, an));
+        self.last_an = Some(an);
+        self.wd.handle_activated(key, an, now);
+        self.rollover_wanted = false;
+        if let Some((old_key, old_an)) = old {
+            if old_an != an {
+                if let Some(peer) = self.peer_mac {
+                    self.retire_at.push((now + RETIRE_GRACE, old_an, peer));
+                }
+            }
+            // The QKD key behind the old SAK is used up (SAK profile), or the old CAK once SAKs
+            // come from a newer one.
+            if old_key.key_id != key.key_id {
+                self.keyx.retire(old_key.key_id);
+            }
+        }
+        tracing::info!(link = %self.label, key_id = %key.key_id, kn = key.kn, an, "transmitting with a fresh key");
+    }
+
+    fn rollover_failed(&mut self, detail: String, an: u8, key: Option<KeyRef>) {
+        tracing::error!(link = %self.label, %detail, "rollover failed");
+        self.report(Report::RolloverFailed { detail });
+        if let Some(peer) = self.peer_mac {
+            self.commands
+                .push_back(Command::RetireRx { peer_mac: peer, an });
+        }
+        // The SAK was handed out; whatever the outcome, it is never offered again.
+        if let (Some(k), ProfileKind::Sak) = (key, self.kind) {
+            self.keyx.retire(k.key_id);
+        }
+        self.rollover_wanted = true;
+    }
+
+    fn report(&mut self, r: Report) {
+        if matches!(r, Report::Alarm(_)) {
+            self.alarms += 1;
+        }
+        self.last_report = Some(r.clone());
+        self.commands.push_back(Command::Report(r));
+    }
+
+    fn next_an(&self) -> u8 {
+        self.last_an.map_or(0, |an| (an + 1) % 4)
+    }
+
+    fn try_start_rollover(&mut self, now: Instant) {
+        if self.role != Role::Master || !matches!(self.roll, Roll::Idle) {
+            return;
+        }
+        if !(self.wd.is_stalled() || self.rollover_wanted) {
+            return;
+        }
+        let Some(peer_mac) = self.peer_mac else {
+            return;
+        };
+        let mut nonce = vec![0u8; self.key_len];
+        if self.kind == ProfileKind::Cak {
+            (self.nonce)(&mut nonce);
+        }
+        match self.supply.next_sak(&nonce, now) {
+            Ok(Some(sak)) => {
+                let an = self.next_an();
+                tracing::info!(link = %self.label, key_id = %sak.key_ref.key_id, kn = sak.key_ref.kn, an, "starting rollover");
+                self.commands.push_back(Command::PrepareRx {
+                    peer_mac,
+                    an,
+                    sak: dup_sak(&sak),
+                });
+                self.roll = Roll::MasterPreparingRx { sak, an };
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(link = %self.label, error = %e, "no SAK for the rollover");
+            }
+        }
+    }
+
+    fn on_keyx(&mut self, ev: KxEvent, now: Instant) {
+        match ev {
+            KxEvent::KeyConfirmed {
+                key_id,
+                role,
+                kn,
+                key,
+            }
+            | KxEvent::KeyReceived {
+                key_id,
+                role,
+                kn,
+                key,
+            } => {
+                if let Err(e) = self.supply.handle_confirmed(key_id, role, kn, key, now) {
+                    tracing::error!(link = %self.label, %key_id, error = %e, "confirmed key not usable");
+                }
+            }
+            KxEvent::KeyLost { key_id, reason } => {
+                tracing::warn!(link = %self.label, %key_id, ?reason, "key not shared; fetching another");
+                self.supply.handle_lost(now);
+                self.wd.handle_fetch_outcome(false, now);
+            }
+            KxEvent::PeerInstalled { key_id, kn, an } => {
+                let roll = std::mem::replace(&mut self.roll, Roll::Idle);
+                self.roll = match roll {
+                    Roll::MasterInstalling { sak, an: a }
+                        if a == an && sak.key_ref == (KeyRef { key_id, kn }) =>
+                    {
+                        self.commands.push_back(Command::ActivateTx {
+                            an,
+                            sak: dup_sak(&sak),
+                        });
+                        Roll::MasterActivatingTx { sak, an }
+                    }
+                    other => other,
+                };
+            }
+            KxEvent::InstallFailed {
+                key_id,
+                kn,
+                an,
+                reason,
+            } => {
+                let roll = std::mem::replace(&mut self.roll, Roll::Idle);
+                match roll {
+                    Roll::MasterInstalling { sak, an: a }
+                        if a == an && sak.key_ref == (KeyRef { key_id, kn }) =>
+                    {
+                        self.rollover_failed(
+                            format!("peer did not install {key_id} KN {kn} at AN {an}: {reason:?}"),
+                            an,
+                            Some(sak.key_ref),
+                        );
+                    }
+                    other => self.roll = other,
+                }
+            }
+            KxEvent::FetchKey { key_id, .. } => {
+                self.commands.push_back(Command::FetchDecKey {
+                    key_id,
+                    size_bytes: self.key_len,
+                });
+            }
+            KxEvent::InstallRequested {
+                key_id,
+                role,
+                kn,
+                an,
+                nonce,
+            } => {
+                let busy = !matches!(self.roll, Roll::Idle);
+                let Some(peer_mac) = self.peer_mac.filter(|_| !busy) else {
+                    let _ =
+                        self.keyx
+                            .installed(key_id, role, kn, an, Err(NackReason::InstallFailed));
+                    return;
+                };
+                match self
+                    .supply
+                    .resolve_install(key_id, role, kn, nonce.as_ref(), now)
+                {
+                    Ok(sak) => {
+                        self.commands.push_back(Command::PrepareRx {
+                            peer_mac,
+                            an,
+                            sak: dup_sak(&sak),
+                        });
+                        self.roll = Roll::SlavePreparingRx { sak, an, role };
+                    }
+                    Err(e) => {
+                        tracing::warn!(link = %self.label, %key_id, kn, error = %e, "refusing INSTALL");
+                        let _ = self.keyx.installed(key_id, role, kn, an, Err(nack_for(&e)));
+                    }
+                }
+            }
+            KxEvent::PeerHello {
+                active,
+                held,
+                authenticated,
+            } => {
+                tracing::trace!(link = %self.label, ?active, held, authenticated, "peer status");
+                // A slave without an active key (it restarted) keeps its side stalled until it
+                // gets a fresh one: roll over now rather than at the next AKL threshold. The
+                // hold-off bounds what a forged HELLO can cost (one key per period).
+                let due = self.peer_reset_holdoff.is_none_or(|t| now >= t);
+                if self.role == Role::Master && active.is_none() && self.active.is_some() && due {
+                    tracing::info!(link = %self.label, "peer reports no active key; rolling over");
+                    self.rollover_wanted = true;
+                    self.peer_reset_holdoff = Some(now + PEER_RESET_HOLDOFF);
+                }
+            }
+        }
+    }
+
+    fn on_watchdog(&mut self, a: WdAction, now: Instant) {
+        match a {
+            WdAction::RequestRollover { key } => {
+                tracing::info!(link = %self.label, key_id = %key.key_id, kn = key.kn, "rollover due");
+                self.rollover_wanted = true;
+            }
+            WdAction::Warn { key, used } => self.report(Report::Warn { key, used }),
+            WdAction::StallOn => self.commands.push_back(Command::SetStall(true)),
+            WdAction::StallOff { .. } => self.commands.push_back(Command::SetStall(false)),
+            WdAction::DeactivateTx { an } => {
+                self.commands.push_back(Command::DeactivateTx { an });
+                if let (Some((key, a)), true) = (self.active, self.wd.is_stalled()) {
+                    if a == an {
+                        // The exhausted key is no longer ours to transmit with: remove its SAs
+                        // (now, no grace: the link is stalled) and never accept it again.
+                        self.active = None;
+                        if let Some(peer) = self.peer_mac {
+                            self.retire_at.push((now, an, peer));
+                        }
+                        if self.kind == ProfileKind::Sak {
+                            self.keyx.retire(key.key_id);
+                        }
+                    }
+                }
+            }
+            WdAction::Alarm(alarm) => self.report(Report::Alarm(alarm)),
+            WdAction::SetPnThresholds(t) => {
+                if let Some(peer_mac) = self.peer_mac {
+                    self.commands.push_back(Command::WatchSa {
+                        an: t.an,
+                        peer_mac,
+                        thresholds: [t.rollover, t.warn, t.exhausted],
+                    });
+                }
+            }
+        }
+    }
+
+    /// Moves everything the sub-machines produced into commands until nothing changes.
+    fn pump(&mut self, now: Instant) {
+        for _ in 0..64 {
+            let mut progressed = false;
+            while let Some(a) = self.supply.poll_action() {
+                progressed = true;
+                match a {
+                    SupplyAction::FetchKey { size_bytes } => {
+                        self.commands.push_back(Command::FetchEncKey { size_bytes })
+                    }
+                    SupplyAction::CakExpired { key_id } => {
+                        self.report(Report::CakExpired { key_id })
+                    }
+                }
+            }
+            while let Some(ev) = self.keyx.poll_event() {
+                progressed = true;
+                self.on_keyx(ev, now);
+            }
+            while let Some(a) = self.wd.poll_action() {
+                progressed = true;
+                self.on_watchdog(a, now);
+            }
+            let before = matches!(self.roll, Roll::Idle);
+            self.try_start_rollover(now);
+            progressed |= before != matches!(self.roll, Roll::Idle);
+            if !progressed {
+                break;
+            }
+        }
+        self.keyx.set_status(
+            self.active.map(|(k, an)| Active {
+                key_id: k.key_id,
+                role: self.supply.params().key_role(),
+                kn: k.kn,
+                an,
+            }),
+            self.supply.held(),
+        );
+        while let Some(p) = self.keyx.poll_transmit() {
+            self.commands.push_back(Command::SendTlv(p));
+        }
+    }
+}
+
+/// An explicit copy of a SAK for a command (the core keeps its own until the rollover ends).
+fn dup_sak(s: &Sak) -> Sak {
+    Sak {
+        key_ref: s.key_ref,
+        key: s.key.duplicate(),
+        kernel_key_id: s.kernel_key_id,
+        nonce: s.nonce.clone(),
+        xpn: s.xpn,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,496 @@
+//! Two cores back to back over a simulated LLDP wire, with one simulated KME pair and one
+//! simulated kernel per gateway: the single choke point where these unit tests fake the world.
+//! The real modules are exercised by the integration tests.
+
+use std::collections::{HashMap, HashSet};
+
+use super::*;
+use crate::config::Config;
+
+const A_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xA];
+const B_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xB];
+
+fn link_toml(profile: &str, cipher: &str, extra: &str) -> String {
+    format!(
+        r#"
+[[link]]
+lower_interface = "eth1"
+macsec_interface = "macsec0"
+local_sae_id = "SAE_A"
+peer_sae_id = "SAE_B"
+cipher = "{cipher}"
+profile = "{profile}"
+key_request_interval = "60s"
+[link.kme]
+url = "https://127.0.0.1:8443"
+ca = "/ca.pem"
+cert = "/c.pem"
+key = "/c.key"
+[link.akl]
+max_age = "600s"
+{extra}
+[link.sak]
+buffer = 3
+[link.cak]
+lifetime = "1d"
+"#
+    )
+}
+
+fn links(profile: &str, cipher: &str, extra: &str) -> (Link, Link) {
+    let a = Config::parse(&link_toml(profile, cipher, extra), "a")
+        .unwrap()
+        .link
+        .remove(0);
+    let b_text = link_toml(profile, cipher, extra)
+        .replace("local_sae_id = \"SAE_A\"", "local_sae_id = \"X\"")
+        .replace("peer_sae_id = \"SAE_B\"", "peer_sae_id = \"SAE_A\"")
+        .replace("local_sae_id = \"X\"", "local_sae_id = \"SAE_B\"");
+    let b = Config::parse(&b_text, "b").unwrap().link.remove(0);
+    (a, b)
+}
+
+#[derive(Default)]
+struct Kernel {
+    tx: HashMap<u8, (Vec<u8>, bool)>,
+    rx: HashMap<u8, Vec<u8>>,
+    encoding: Option<u8>,
+    stall: bool,
+    /// Every TX key ever switched to, in order.
+    tx_history: Vec<Vec<u8>>,
+    watched: HashSet<u8>,
+    /// Simulated traffic: PN of the TX SA on the encoding AN.
+    pn: u64,
+}
+
+struct World {
+    now: Instant,
+    a: LinkCore,
+    b: LinkCore,
+    ka: Kernel,
+    kb: Kernel,
+    kme: HashMap<KeyId, Vec<u8>>,
+    /// Every key the KME ever issued.
+    issued: Vec<Vec<u8>>,
+    kme_up: bool,
+    next_key: u32,
+    wire_up: bool,
+    reports: Vec<(char, Report)>,
+    /// Frames per simulated second per direction (drives PN).
+    rate: u64,
+}
+
+fn counter_nonce() -> NonceSource {
+    let mut n = 0u8;
+    Box::new(move |buf: &mut [u8]| {
+        n = n.wrapping_add(1);
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = n ^ (i as u8);
+        }
+    })
+}
+
+impl World {
+    fn new(profile: &str, cipher: &str) -> Self {
+        Self::with(profile, cipher, "")
+    }
+
+    fn with(profile: &str, cipher: &str, extra: &str) -> Self {
+        let (la, lb) = links(profile, cipher, extra);
+        let now = Instant::now();
+        let a = LinkCore::new(&la, 1_000, counter_nonce(), now);
+        let b = LinkCore::new(&lb, 5_000, counter_nonce(), now);
+        assert_eq!(a.role(), Role::Master);
+        assert_eq!(b.role(), Role::Slave);
+        Self {
+            now,
+            a,
+            b,
+            ka: Kernel::default(),
+            kb: Kernel::default(),
+            kme: HashMap::new(),
+            issued: Vec::new(),
+            kme_up: true,
+            next_key: 1,
+            wire_up: true,
+            reports: Vec::new(),
+            rate: 0,
+        }
+    }
+
+    /// Executes commands until both cores are quiet.
+    fn settle(&mut self) {
+        for _ in 0..10_000 {
+            let mut any = false;
+            while let Some(c) = self.a.poll_command() {
+                any = true;
+                self.exec('a', c);
+            }
+            while let Some(c) = self.b.poll_command() {
+                any = true;
+                self.exec('b', c);
+            }
+            if !any {
+                return;
+            }
+        }
+        panic!("cores never settle");
+    }
+
+    fn exec(&mut self, who: char, c: Command) {
+        let now = self.now;
+        let (core, peer, k, mac) = if who == 'a' {
+            (&mut self.a, &mut self.b, &mut self.ka, A_MAC)
+        } else {
+            (&mut self.b, &mut self.a, &mut self.kb, B_MAC)
+        };
+        match c {
+            Command::FetchEncKey { size_bytes } => {
+                if self.kme_up {
+                    let id = self.next_key;
+                    self.next_key += 1;
+                    let mut kid = [0u8; 16];
+                    kid[12..].copy_from_slice(&id.to_be_bytes());
+                    kid[0] = 0x55;
+                    let key: Vec<u8> = (0..size_bytes)
+                        .map(|i| (id as u8).wrapping_mul(31) ^ i as u8)
+                        .collect();
+                    self.kme.insert(KeyId(kid), key.clone());
+                    self.issued.push(key.clone());
+                    core.handle_enc_key(
+                        Ok(FetchedKey {
+                            key_id: KeyId(kid),
+                            key: SecretBytes::new(key),
+                            slave_deadline: None,
+                        }),
+                        now,
+                    );
+                } else {
+                    core.handle_enc_key(Err("KME unavailable (503)".into()), now);
+                }
+            }
+            Command::FetchDecKey { key_id, .. } => {
+                // ETSI 014 KMEs hand a key out once.
+                let r = if !self.kme_up {
+                    Err(NackReason::KmeUnavailable)
+                } else {
+                    self.kme
+                        .remove(&key_id)
+                        .map(SecretBytes::new)
+                        .ok_or(NackReason::KeyGone)
+                };
+                core.handle_dec_key(key_id, r, now);
+            }
+            Command::SendTlv(p) => {
+                if self.wire_up {
+                    peer.handle_tlv(&p, mac, now);
+                }
+            }
+            Command::PrepareRx { peer_mac, an, sak } => {
+                assert_eq!(
+                    peer_mac,
+                    if who == 'a' { B_MAC } else { A_MAC },
+                    "RX SC of the peer"
+                );
+                k.rx.insert(an, sak.key.expose().to_vec());
+                core.handle_rx_prepared(an, Ok(()), now);
+            }
+            Command::ActivateTx { an, sak } => {
+                k.tx.insert(an, (sak.key.expose().to_vec(), true));
+                k.encoding = Some(an);
+                k.pn = 0;
+                k.tx_history.push(sak.key.expose().to_vec());
+                core.handle_tx_activated(an, Ok(()), now);
+            }
+            Command::RetireTx { an } => {
+                let live = k.encoding == Some(an) && !k.stall && k.tx.get(&an).is_some_and(|t| t.1);
+                assert!(!live, "never retire the live TX SA");
+                k.tx.remove(&an);
+            }
+            Command::RetireRx { an, .. } => {
+                k.rx.remove(&an);
+            }
+            Command::SetStall(s) => k.stall = s,
+            Command::DeactivateTx { an } => {
+                if let Some(t) = k.tx.get_mut(&an) {
+                    t.1 = false;
+                }
+            }
+            Command::WatchSa { an, .. } => {
+                k.watched.insert(an);
+            }
+            Command::UnwatchSa { an, .. } => {
+                k.watched.remove(&an);
+            }
+            Command::Report(r) => self.reports.push((who, r)),
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        [self.a.poll_timeout(), self.b.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Advances simulated time to `until`, waking at every deadline and once a second (traffic).
+    fn run_until(&mut self, until: Instant) {
+        self.settle();
+        while self.now < until {
+            let tick = self.now + Duration::from_secs(1);
+            let next = self
+                .next_deadline()
+                .unwrap_or(tick)
+                .min(tick)
+                .min(until)
+                .max(self.now);
+            let dt = next - self.now;
+            self.now = next;
+            // Traffic: PN of each side's encoding SA grows with time.
+            if self.rate > 0 {
+                for (core, k) in [(&mut self.a, &mut self.ka), (&mut self.b, &mut self.kb)] {
+                    if let (Some(an), false) = (k.encoding, k.stall) {
+                        k.pn += self.rate * dt.as_millis() as u64 / 1000;
+                        core.handle_pn(an, k.pn, next);
+                    }
+                }
+            }
+            self.a.handle_timeout(next);
+            self.b.handle_timeout(next);
+            self.settle();
+            self.check_invariants();
+            if next == until {
+                break;
+            }
+        }
+    }
+
+    fn run_for(&mut self, d: Duration) {
+        let until = self.now + d;
+        self.run_until(until);
+    }
+
+    /// Whenever both sides transmit, each one's TX key is what the other receives with.
+    fn check_invariants(&mut self) {
+        for (name, me, other) in [("a", &self.ka, &self.kb), ("b", &self.kb, &self.ka)] {
+            if let Some(an) = me.encoding {
+                let (tx, active) = me.tx.get(&an).cloned().unwrap_or_default();
+                if active && !me.stall {
+                    assert_eq!(
+                        other.rx.get(&an),
+                        Some(&tx),
+                        "{name} transmits on AN {an} with a key the peer cannot receive"
+                    );
+                }
+            }
+        }
+    }
+
+    fn in_sync(&self) -> bool {
+        !self.ka.stall
+            && !self.kb.stall
+            && self.ka.encoding.is_some()
+            && self.ka.encoding == self.kb.encoding
+            && self.ka.tx.get(&self.ka.encoding.unwrap()).map(|t| &t.0)
+                == self.kb.tx.get(&self.kb.encoding.unwrap()).map(|t| &t.0)
+    }
+}
+
+fn assert_never_reused(k: &Kernel) {
+    let mut seen = HashSet::new();
+    for key in &k.tx_history {
+        assert!(seen.insert(key.clone()), "a TX key was used twice");
+    }
+}
+
+#[test]
+fn starts_stalled_then_bootstraps_in_sak_profile() {
+    let mut w = World::new("sak", "gcm-aes-256");
+    w.settle();
+    assert!(
+        w.ka.stall && w.kb.stall,
+        "no key yet: stalled from the start"
+    );
+    assert!(w.a.is_stalled() && w.b.is_stalled());
+    w.run_for(Duration::from_secs(5));
+    assert!(w.in_sync(), "link keyed within seconds");
+    assert!(!w.a.is_stalled() && !w.b.is_stalled());
+    let (ka, an) = w.a.active().unwrap();
+    assert_eq!(w.b.active().unwrap(), (ka, an));
+    assert_eq!(w.ka.tx[&an].0.len(), 32);
+    assert!(w.ka.watched.contains(&an));
+    let st = w.a.status(w.now);
+    assert_eq!(st.role, "master");
+    assert!(!st.stalled);
+    assert_eq!(st.peer_mac.as_deref(), Some("02:00:00:00:00:0b"));
+}
+
+#[test]
+fn rolls_over_by_time_hitlessly_for_an_hour() {
+    let mut w = World::new("sak", "gcm-aes-256");
+    w.run_for(Duration::from_secs(5));
+    assert!(w.in_sync());
+    let first = w.a.active().unwrap().0.kn;
+    let start = w.now;
+    // From now on the link must never stall: each check after a step.
+    while w.now < start + Duration::from_secs(3600) {
+        w.run_for(Duration::from_secs(10));
+        assert!(!w.ka.stall && !w.kb.stall, "stalled at {:?}", w.now - start);
+    }
+    let last = w.a.active().unwrap().0.kn;
+    // 600 s AKL rolled at 75 %: one rollover per 450 s, 8 in an hour.
+    assert!(last - first >= 7, "only {} rollovers", last - first);
+    assert_never_reused(&w.ka);
+    assert_never_reused(&w.kb);
+    assert!(
+        w.reports
+            .iter()
+            .all(|(_, r)| !matches!(r, Report::Alarm(_))),
+        "{:?}",
+        w.reports
+    );
+    // Old SAs are cleaned up: at most the live one and one in its grace period.
+    assert!(
+        w.ka.tx.len() <= 2 && w.kb.rx.len() <= 2,
+        "{:?}",
+        w.ka.tx.keys()
+    );
+}
+
+#[test]
+fn rolls_over_by_packet_number_before_time() {
+    let mut w = World::with("sak", "gcm-aes-128", "max_pn = 100000");
+    let extra_ok = w.a.status(w.now).profile == "sak";
+    assert!(extra_ok);
+    w.rate = 1000; // 1000 frames/s: 75 % of 100000 after 75 s, long before 450 s.
+    w.run_for(Duration::from_secs(5));
+    assert!(w.in_sync());
+    let kn0 = w.a.active().unwrap().0.kn;
+    w.run_for(Duration::from_secs(100));
+    assert!(w.a.active().unwrap().0.kn > kn0, "PN-driven rollover");
+    assert!(!w.ka.stall && !w.kb.stall);
+}
+
+#[test]
+fn kme_outage_drains_the_buffer_then_stalls_then_recovers() {
+    let mut w = World::new("sak", "gcm-aes-256");
+    w.run_for(Duration::from_secs(200));
+    assert!(w.in_sync());
+    assert_eq!(
+        w.a.status(w.now).keys_held,
+        3,
+        "buffer k = 3 filled at f_QKD"
+    );
+    w.kme_up = false;
+    let outage = w.now;
+    // Buffer of 3 plus the active key: about 4 × 450 s + the last 150 s before exhaustion.
+    let mut stalled_at = None;
+    while w.now < outage + Duration::from_secs(4 * 3600) {
+        w.run_for(Duration::from_secs(10));
+        if w.ka.stall {
+            stalled_at = Some(w.now);
+            break;
+        }
+        assert!(!w.kb.stall);
+    }
+    let stalled_at = stalled_at.expect("the link must stall once keys run out");
+    let lasted = stalled_at - outage;
+    assert!(
+        lasted >= Duration::from_secs(3 * 450),
+        "stalled too early: {lasted:?}"
+    );
+    assert!(w.a.is_stalled());
+    assert!(w
+        .reports
+        .iter()
+        .any(|(_, r)| matches!(r, Report::Alarm(Alarm::AklExhausted { .. }))));
+    assert!(w
+        .reports
+        .iter()
+        .any(|(_, r)| matches!(r, Report::Warn { .. })));
+    assert!(w
+        .reports
+        .iter()
+        .any(|(_, r)| matches!(r, Report::Alarm(Alarm::KeySupply { .. }))));
+    // No key is transmitted with while stalled: the exhausted SA was deactivated.
+    let an = w.ka.encoding.unwrap();
+    assert!(
+        !w.ka.tx.get(&an).is_some_and(|t| t.1),
+        "exhausted TX SA still active"
+    );
+    w.run_for(Duration::from_secs(30));
+    assert!(w.ka.stall && w.kb.stall, "both ends stay stalled");
+    // KME back: a fresh key, installed on both ends, lifts the stall.
+    w.kme_up = true;
+    w.run_for(Duration::from_secs(10));
+    assert!(w.in_sync(), "recovered");
+    assert!(!w.a.is_stalled() && !w.b.is_stalled());
+    assert_never_reused(&w.ka);
+    assert_never_reused(&w.kb);
+}
+
+#[test]
+fn cut_wire_stalls_and_recovery_uses_a_fresh_key() {
+    let mut w = World::new("sak", "gcm-aes-256");
+    w.run_for(Duration::from_secs(5));
+    assert!(w.in_sync());
+    w.wire_up = false;
+    w.run_for(Duration::from_secs(700));
+    assert!(
+        w.ka.stall && w.kb.stall,
+        "AKL ran out without a way to roll over"
+    );
+    let before = w.ka.tx_history.len();
+    w.wire_up = true;
+    w.run_for(Duration::from_secs(120));
+    assert!(w.in_sync());
+    assert!(w.ka.tx_history.len() > before);
+    assert_never_reused(&w.ka);
+    assert_never_reused(&w.kb);
+}
+
+#[test]
+fn cak_profile_derives_matching_saks_and_rolls_under_one_cak() {
+    let mut w = World::new("cak", "gcm-aes-xpn-256");
+    w.run_for(Duration::from_secs(5));
+    assert!(w.in_sync());
+    let (k0, _) = w.a.active().unwrap();
+    w.run_for(Duration::from_secs(1000));
+    assert!(w.in_sync());
+    let (k1, _) = w.a.active().unwrap();
+    assert!(k1.kn > k0.kn || k1.key_id != k0.key_id, "rolled");
+    assert_never_reused(&w.ka);
+    // SAKs are derived, not the CAK itself: the KME's keys never reach the kernel.
+    assert!(!w.issued.is_empty() && !w.ka.tx_history.is_empty());
+    for key in w.ka.tx_history.iter() {
+        assert!(!w.issued.contains(key));
+    }
+}
+
+#[test]
+fn restart_of_the_slave_rebootstraps() {
+    let mut w = World::new("sak", "gcm-aes-256");
+    w.run_for(Duration::from_secs(200));
+    assert!(w.in_sync());
+    // The slave agent restarts: new core, same kernel state (adopted).
+    let (_, lb) = links("sak", "gcm-aes-256", "");
+    w.b = LinkCore::new(&lb, 9_000, counter_nonce(), w.now);
+    w.settle();
+    // The new slave knows no key, so it stalls its side (it cannot vouch for the running SA).
+    assert!(w.kb.stall);
+    // Its HELLO tells the master, which rolls over at once; the master's buffered keys are
+    // unknown to the new slave and time out; a freshly delivered key then keys the link.
+    let restarted = w.now;
+    while !w.in_sync() && w.now < restarted + Duration::from_secs(300) {
+        w.run_for(Duration::from_secs(1));
+    }
+    assert!(
+        w.in_sync(),
+        "{:?} / {:?}",
+        w.a.status(w.now),
+        w.b.status(w.now)
+    );
+    let took = w.now - restarted;
+    assert!(took <= Duration::from_secs(60), "recovery took {took:?}");
+    assert_never_reused(&w.ka);
+}

@@ -1,0 +1,507 @@
+//! `qkd-macsec-agent run --config FILE`: the IO loop. One task per link drives its
+//! [`LinkCore`] with the real outside world: the ETSI 014 client (async, one request per
+//! spawned task), kernel MACsec over netlink (synchronous, owned by the link task so request
+//! sequences never interleave), the eBPF data plane (stall switch, SA counters, PN crossings,
+//! LLDP hand-off) and the LLDP sender. SIGINT and SIGTERM stop every link; a stall in force
+//! stays in force (the data plane keeps its pins), so stopping the agent never opens the link.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, watch};
+
+use super::core::{Command, FetchedKey, LinkCore, NonceSource, Report, Status};
+use crate::certs::tls::TlsFiles;
+use crate::config::{Config, Link, Role};
+use crate::dataplane::{Dataplane, DataplaneEvent, DataplaneOptions, Direction};
+use crate::etsi014::{Etsi014Error, KmeClient, KmeClientConfig};
+use crate::keyx::wire::NackReason;
+use crate::keyx::KeyId;
+use crate::lldp::LldpSender;
+use crate::macsec::{self, An, Macsec, MacsecLink, PeerRxConfirmation, SaKey, Salt};
+use crate::profile::Sak;
+use crate::secret::SecretBytes;
+
+/// Arguments of `run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The gateway's config file (docs/sample-config.toml documents every option).
+    #[arg(long, env = "QKD_MACSEC_CONFIG")]
+    pub config: PathBuf,
+}
+
+/// How often kernel SA state and SA counters are polled (PN crossings also arrive as events).
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// TTL of our LLDPDUs (LLDP's own default is 120 s; the exchange sends more often than that).
+const LLDP_TTL: u16 = 120;
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let cfg = Config::load(&args.config)?;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        bail!(
+            "qkd-macsec-agent run needs root (CAP_NET_ADMIN for MACsec, CAP_BPF and CAP_PERFMON for the data plane); effective uid is {euid}"
+        );
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(run_async(cfg))
+}
+
+async fn run_async(cfg: Config) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let statuses: Arc<Mutex<Vec<Option<Status>>>> =
+        Arc::new(Mutex::new(vec![None; cfg.link.len()]));
+    let status_task = spawn_status_socket(cfg.global.status_socket.clone(), statuses.clone())?;
+    let mut tasks = Vec::new();
+    for (i, link) in cfg.link.iter().enumerate() {
+        let link = link.clone();
+        let global = cfg.global.clone();
+        let stop = stop_rx.clone();
+        let statuses = statuses.clone();
+        tasks.push(tokio::spawn(async move {
+            let label = link.label().to_owned();
+            let r = run_link(i, link, global, stop, statuses).await;
+            if let Err(e) = &r {
+                tracing::error!(link = %label, error = format!("{e:#}"), "link stopped");
+            }
+            r.with_context(|| format!("link {label}"))
+        }));
+    }
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let all = futures_join(tasks);
+    tokio::pin!(all);
+    let result = tokio::select! {
+        _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); None }
+        _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); None }
+        r = &mut all => Some(r),
+    };
+    let _ = stop_tx.send(true);
+    let results = match result {
+        Some(r) => r,
+        None => all.await,
+    };
+    status_task.abort();
+    let _ = std::fs::remove_file(&cfg.global.status_socket);
+    let mut first_err = None;
+    for r in results {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            Err(join) => {
+                first_err.get_or_insert(anyhow::anyhow!("link task panicked: {join}"));
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+async fn futures_join<T>(
+    tasks: Vec<tokio::task::JoinHandle<T>>,
+) -> Vec<Result<T, tokio::task::JoinError>> {
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await);
+    }
+    out
+}
+
+/// Serves the statuses as one JSON array per connection.
+fn spawn_status_socket(
+    path: PathBuf,
+    statuses: Arc<Mutex<Vec<Option<Status>>>>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the status socket directory {}", dir.display()))?;
+    }
+    // A socket left by a previous run would make bind fail with EADDRINUSE.
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)
+        .with_context(|| format!("binding the status socket {}", path.display()))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                continue;
+            };
+            let body = {
+                let s = statuses.lock().unwrap_or_else(|p| p.into_inner());
+                serde_json::to_vec(&*s).unwrap_or_default()
+            };
+            let _ = conn.write_all(&body).await;
+            let _ = conn.write_all(b"\n").await;
+        }
+    }))
+}
+
+/// What a spawned KME request reports back.
+enum KmeResult {
+    Enc(Result<FetchedKey, String>),
+    Dec(KeyId, Result<SecretBytes, NackReason>),
+}
+
+fn nonce_source() -> NonceSource {
+    let rng = ring::rand::SystemRandom::new();
+    Box::new(move |buf: &mut [u8]| {
+        // SystemRandom reads getrandom(2); a failure there means the kernel has no entropy
+        // source at all, and no nonce may be made up.
+        ring::rand::SecureRandom::fill(&rng, buf)
+            .expect("the kernel's random source (getrandom) failed");
+    })
+}
+
+fn cipher_of(c: crate::config::Cipher) -> macsec::Cipher {
+    macsec::Cipher::from_id(c.kernel_id()).expect("config ciphers are the kernel's ciphers")
+}
+
+fn sci(mac: [u8; 6]) -> macsec::Sci {
+    // The SCI the kernel gives a MACsec link: the lower device's MAC and port 1
+    // (macsec::LinkConfig's default port).
+    macsec::Sci::from_mac_port(mac, 1)
+}
+
+fn dp_sci(s: macsec::Sci) -> crate::dataplane::Sci {
+    crate::dataplane::Sci(s.0)
+}
+
+/// The kernel's view of a SAK for our TX SC (`tx`) or the peer's SC.
+fn sa_key(sak: Sak, role: Role, tx: bool) -> SaKey {
+    let k = SaKey::new(sak.key, macsec::KeyId(sak.kernel_key_id));
+    match sak.xpn {
+        Some(x) => {
+            let (ours, theirs) = x.ssci_tx_rx(role);
+            k.with_xpn(if tx { ours } else { theirs }, Salt::new(x.salt))
+        }
+        None => k,
+    }
+}
+
+fn nack_of(e: &Etsi014Error) -> NackReason {
+    match e {
+        Etsi014Error::Unauthorized { .. } => NackReason::Unauthorized,
+        e if e.is_transient() => NackReason::KmeUnavailable,
+        _ => NackReason::KeyGone,
+    }
+}
+
+struct LinkIo {
+    label: String,
+    role: Role,
+    peer_sae: String,
+    oui: [u8; 3],
+    subtype: u8,
+    macsec: Macsec,
+    mlink: MacsecLink,
+    dp: Dataplane,
+    lldp: LldpSender,
+    kme: KmeClient,
+    kme_tx: mpsc::Sender<KmeResult>,
+    xpn: bool,
+    peer_mac: Option<[u8; 6]>,
+}
+
+async fn run_link(
+    index: usize,
+    link: Link,
+    global: crate::config::Global,
+    mut stop: watch::Receiver<bool>,
+    statuses: Arc<Mutex<Vec<Option<Status>>>>,
+) -> anyhow::Result<()> {
+    let label = link.label().to_owned();
+    let mut macsec = Macsec::open().context("opening kernel MACsec")?;
+    let lcfg = macsec::LinkConfig::new(
+        &link.macsec_interface,
+        &link.lower_interface,
+        cipher_of(link.cipher),
+    );
+    let adopted = macsec
+        .ensure_link(&lcfg)
+        .with_context(|| format!("creating or adopting MACsec link {}", link.macsec_interface))?;
+    let mlink = adopted.link;
+    macsec
+        .set_up(&mlink)
+        .with_context(|| format!("setting {} up", link.macsec_interface))?;
+    let opts = DataplaneOptions {
+        bpffs_root: global.bpffs_pin_dir.clone(),
+        ..DataplaneOptions::default()
+    };
+    let mut dp = Dataplane::attach(&link.lower_interface, &opts)
+        .with_context(|| format!("attaching the data plane to {}", link.lower_interface))?;
+    let oui = link.lldp.oui_bytes();
+    dp.set_lldp_filter(oui, link.lldp.subtype, true)
+        .context("configuring the LLDP filter")?;
+    let mut events = dp.take_events().context("opening data plane events")?;
+    let lldp = LldpSender::open(&link.lower_interface)
+        .with_context(|| format!("opening the LLDP sender on {}", link.lower_interface))?;
+    let mut kcfg = KmeClientConfig::new(
+        link.kme.url.clone(),
+        TlsFiles {
+            ca: link.kme.ca.clone(),
+            cert: link.kme.cert.clone(),
+            key: link.kme.key.clone(),
+        },
+    );
+    kcfg.request_timeout = link.kme.request_timeout.get();
+    let kme = KmeClient::new(&kcfg).context("setting up the KME client")?;
+    let (kme_tx, mut kme_rx) = mpsc::channel(16);
+    let initial_seq = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64);
+    let mut core = LinkCore::new(&link, initial_seq, nonce_source(), Instant::now());
+    let mut io = LinkIo {
+        label: label.clone(),
+        role: link.role(),
+        peer_sae: link.peer_sae_id.clone(),
+        oui,
+        subtype: link.lldp.subtype,
+        macsec,
+        mlink,
+        dp,
+        lldp,
+        kme,
+        kme_tx,
+        xpn: link.cipher.is_xpn(),
+        peer_mac: None,
+    };
+    tracing::info!(link = %label, role = ?io.role, lower = %link.lower_interface, macsec = %link.macsec_interface, "link started");
+    let mut poll = tokio::time::interval(POLL_INTERVAL);
+    loop {
+        io.execute(&mut core);
+        if let Ok(mut s) = statuses.lock() {
+            s[index] = Some(core.status(Instant::now()));
+        }
+        let wake = core
+            .poll_timeout()
+            .unwrap_or_else(|| Instant::now() + POLL_INTERVAL);
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {
+                core.handle_timeout(Instant::now());
+            }
+            r = kme_rx.recv() => match r {
+                Some(KmeResult::Enc(r)) => core.handle_enc_key(r, Instant::now()),
+                Some(KmeResult::Dec(id, r)) => core.handle_dec_key(id, r, Instant::now()),
+                None => bail!("KME result channel closed"),
+            },
+            ev = events.next() => match ev {
+                Ok(DataplaneEvent::Lldp(e)) => {
+                    if e.info.len() >= 4 {
+                        core.handle_tlv(e.payload(), e.src_mac, Instant::now());
+                    }
+                }
+                Ok(DataplaneEvent::Pn(c)) => core.handle_pn(c.sa.an, c.pn, Instant::now()),
+                Err(e) => {
+                    if io.dp.check_interface().is_err() {
+                        return Err(e).context("data plane events stopped: the interface is gone");
+                    }
+                    tracing::warn!(link = %label, error = %e, "bad data plane event");
+                }
+            },
+            _ = poll.tick() => io.poll_kernel(&mut core),
+        }
+    }
+    tracing::info!(link = %label, stalled = core.is_stalled(), "stopping link");
+    // With the stall set, the data plane stays pinned and attached: stopping the agent must not
+    // let traffic through a link whose keys ran out.
+    io.dp.shutdown(true).context("detaching the data plane")?;
+    Ok(())
+}
+
+impl LinkIo {
+    fn execute(&mut self, core: &mut LinkCore) {
+        while let Some(c) = core.poll_command() {
+            let now = Instant::now();
+            match c {
+                Command::FetchEncKey { size_bytes } => {
+                    let kme = self.kme.clone();
+                    let tx = self.kme_tx.clone();
+                    let slave = self.peer_sae.clone();
+                    tokio::spawn(async move {
+                        let r = kme
+                            .enc_keys(&slave, 1, Some((size_bytes * 8) as u32))
+                            .await
+                            .map_err(|e| e.to_string())
+                            .and_then(|mut keys| {
+                                let k =
+                                    keys.pop().ok_or_else(|| "KME returned no key".to_owned())?;
+                                let key_id =
+                                    k.id.hyphenated()
+                                        .to_string()
+                                        .parse::<KeyId>()
+                                        .map_err(|e| e.to_string())?;
+                                Ok(FetchedKey {
+                                    key_id,
+                                    key: k.material,
+                                    slave_deadline: k.slave_deadline,
+                                })
+                            });
+                        let _ = tx.send(KmeResult::Enc(r)).await;
+                    });
+                }
+                Command::FetchDecKey { key_id, size_bytes } => {
+                    let kme = self.kme.clone();
+                    let tx = self.kme_tx.clone();
+                    let master = self.peer_sae.clone();
+                    tokio::spawn(async move {
+                        let uuid = uuid::Uuid::from_bytes(key_id.0);
+                        let r = kme
+                            .dec_key(&master, uuid, Some((size_bytes * 8) as u32))
+                            .await
+                            .map(|k| k.material)
+                            .map_err(|e| {
+                                tracing::warn!(%key_id, error = %e, "dec_keys failed");
+                                nack_of(&e)
+                            });
+                        let _ = tx.send(KmeResult::Dec(key_id, r)).await;
+                    });
+                }
+                Command::SendTlv(p) => {
+                    if let Err(e) = self.lldp.send_lldpdu(&p, LLDP_TTL, self.oui, self.subtype) {
+                        tracing::warn!(link = %self.label, error = %e, "sending LLDPDU failed");
+                    }
+                }
+                Command::PrepareRx { peer_mac, an, sak } => {
+                    self.peer_mac = Some(peer_mac);
+                    let r = An::new(an).and_then(|a| {
+                        self.macsec.prepare_rx(
+                            &self.mlink,
+                            sci(peer_mac),
+                            a,
+                            &sa_key(sak, self.role, false),
+                            1,
+                        )
+                    });
+                    core.handle_rx_prepared(an, r.map(|_| ()).map_err(|e| e.to_string()), now);
+                }
+                Command::ActivateTx { an, sak } => {
+                    let kid = macsec::KeyId(sak.kernel_key_id);
+                    let r = An::new(an).and_then(|a| {
+                        self.macsec.activate_tx(
+                            &mut self.mlink,
+                            a,
+                            &sa_key(sak, self.role, true),
+                            &PeerRxConfirmation::from_peer(a, kid),
+                        )
+                    });
+                    core.handle_tx_activated(an, r.map(|_| ()).map_err(|e| e.to_string()), now);
+                }
+                Command::RetireTx { an } => {
+                    if let Err(e) = An::new(an).and_then(|a| self.macsec.retire_tx(&self.mlink, a))
+                    {
+                        tracing::warn!(link = %self.label, an, error = %e, "retiring TX SA failed");
+                    }
+                }
+                Command::RetireRx { peer_mac, an } => {
+                    let r = An::new(an)
+                        .and_then(|a| self.macsec.retire_rx(&self.mlink, sci(peer_mac), a));
+                    if let Err(e) = r {
+                        tracing::warn!(link = %self.label, an, error = %e, "retiring RX SA failed");
+                    }
+                }
+                Command::SetStall(on) => {
+                    if let Err(e) = self.dp.set_stall(on) {
+                        tracing::error!(link = %self.label, stall = on, error = %e, "cannot set the stall switch");
+                    }
+                }
+                Command::DeactivateTx { an } => {
+                    let r = An::new(an)
+                        .and_then(|a| self.macsec.set_tx_sa_active(&self.mlink, a, false));
+                    match r {
+                        Ok(()) | Err(macsec::MacsecError::NotFound { .. }) => {}
+                        Err(e) => {
+                            tracing::error!(link = %self.label, an, error = %e, "cannot deactivate TX SA")
+                        }
+                    }
+                }
+                Command::WatchSa {
+                    an,
+                    peer_mac,
+                    thresholds,
+                } => {
+                    for key in self.sa_keys(an, peer_mac) {
+                        let r = self
+                            .dp
+                            .register_sa(key, self.xpn, 0)
+                            .and_then(|_| self.dp.set_thresholds(&key, &thresholds));
+                        if let Err(e) = r {
+                            tracing::error!(link = %self.label, sa = %key, error = %e, "cannot watch SA");
+                        }
+                    }
+                }
+                Command::UnwatchSa { an, peer_mac } => {
+                    for key in self.sa_keys(an, peer_mac) {
+                        let _ = self.dp.unregister_sa(&key);
+                    }
+                }
+                Command::Report(r) => match r {
+                    Report::Warn { key, used } => {
+                        tracing::warn!(link = %self.label, key_id = %key.key_id, kn = key.kn, used, "active key lifetime nearly used up")
+                    }
+                    Report::Alarm(a) => tracing::error!(link = %self.label, alarm = ?a, "ALARM"),
+                    Report::CakExpired { key_id } => {
+                        tracing::error!(link = %self.label, %key_id, "ALARM: CAK lifetime over")
+                    }
+                    Report::RolloverFailed { detail } => {
+                        tracing::error!(link = %self.label, %detail, "rollover failed")
+                    }
+                },
+            }
+        }
+    }
+
+    fn sa_keys(&self, an: u8, peer_mac: [u8; 6]) -> [crate::dataplane::SaKey; 2] {
+        [
+            crate::dataplane::SaKey {
+                direction: Direction::Tx,
+                sci: dp_sci(self.mlink.sci),
+                an,
+            },
+            crate::dataplane::SaKey {
+                direction: Direction::Rx,
+                sci: dp_sci(sci(peer_mac)),
+                an,
+            },
+        ]
+    }
+
+    /// Kernel SA state (our TX SAs) and data plane counters (both directions) into the core.
+    fn poll_kernel(&mut self, core: &mut LinkCore) {
+        let now = Instant::now();
+        match self.macsec.state(&self.mlink) {
+            Ok(st) => {
+                // Only the encoding SA transmits; an old SA still active during its grace
+                // period sends nothing and is no cause for alarm.
+                if let Some(sa) = st.tx_sa(st.encoding_sa) {
+                    core.handle_sa_state(sa.an.get(), sa.active, sa.next_pn, now);
+                }
+            }
+            Err(e) => tracing::warn!(link = %self.label, error = %e, "reading MACsec state failed"),
+        }
+        if let (Some((_, an)), Some(peer)) = (core.active(), self.peer_mac) {
+            for key in self.sa_keys(an, peer) {
+                if let Ok(c) = self.dp.sa_counters(&key) {
+                    if c.highest_pn > 0 {
+                        core.handle_pn(an, c.highest_pn, now);
+                    }
+                }
+            }
+        }
+        if self.xpn {
+            let _ = self.dp.sync_xpn_upper();
+        }
+        self.execute(core);
+    }
+}

@@ -1,0 +1,816 @@
+use proptest::prelude::*;
+
+use super::*;
+use crate::keyx::wire::MsgType;
+
+const MS: Duration = Duration::from_millis(1);
+
+fn cfg(role: Role) -> KeyxConfig {
+    let (local, peer) = match role {
+        Role::Master => ("SAE_A", "SAE_B"),
+        Role::Slave => ("SAE_B", "SAE_A"),
+    };
+    KeyxConfig {
+        role,
+        local_sae: local.into(),
+        peer_sae: peer.into(),
+        retransmit_initial: 250 * MS,
+        retransmit_max: 4000 * MS,
+        hello_interval: Duration::from_secs(5),
+        availability_window: Duration::from_secs(10),
+        max_rx_per_sec: 20,
+        initial_seq: 1000,
+    }
+}
+
+fn kid(n: u8) -> KeyId {
+    KeyId([n; 16])
+}
+
+fn key(n: u8) -> SecretBytes {
+    SecretBytes::new(vec![n; 32])
+}
+
+fn out(x: &mut Keyx) -> Vec<Vec<u8>> {
+    std::iter::from_fn(|| x.poll_transmit()).collect()
+}
+
+fn events(x: &mut Keyx) -> Vec<Event> {
+    std::iter::from_fn(|| x.poll_event()).collect()
+}
+
+fn types(ps: &[Vec<u8>]) -> Vec<MsgType> {
+    ps.iter()
+        .map(|p| Message::decode(p).unwrap().body.msg_type())
+        .collect()
+}
+
+fn deliver(ps: Vec<Vec<u8>>, to: &mut Keyx, now: Instant) {
+    for p in ps {
+        let _ = to.handle_payload(&p, now);
+    }
+}
+
+fn pair(now: Instant) -> (Keyx, Keyx) {
+    let mut m = Keyx::new(cfg(Role::Master), now);
+    let mut s = Keyx::new(cfg(Role::Slave), now);
+    // Initial HELLOs: exchange and discard.
+    m.handle_timeout(now);
+    s.handle_timeout(now);
+    let (a, b) = (out(&mut m), out(&mut s));
+    assert_eq!(types(&a), vec![MsgType::Hello]);
+    deliver(a, &mut s, now);
+    deliver(b, &mut m, now);
+    assert!(matches!(
+        events(&mut s).as_slice(),
+        [Event::PeerHello {
+            authenticated: false,
+            held: 0,
+            active: None
+        }]
+    ));
+    events(&mut m);
+    (m, s)
+}
+
+/// Runs the slave's side of a key delivery: FetchKey -> KME answer.
+fn slave_fetches(
+    s: &mut Keyx,
+    kme: impl Fn(KeyId) -> Result<SecretBytes, NackReason>,
+) -> Vec<Event> {
+    let mut rest = Vec::new();
+    for e in events(s) {
+        match e {
+            Event::FetchKey { key_id, .. } => s.fetched(key_id, kme(key_id)).unwrap(),
+            other => rest.push(other),
+        }
+    }
+    rest.extend(events(s));
+    rest
+}
+
+/// Delivers key `n` from master to slave over a perfect channel.
+fn deliver_key(m: &mut Keyx, s: &mut Keyx, n: u8, now: Instant) {
+    m.announce(kid(n), KeyRole::Sak, u32::from(n), key(n), now, None, now)
+        .unwrap();
+    deliver(out(m), s, now);
+    let ev = slave_fetches(s, |_| Ok(key(n)));
+    assert!(
+        matches!(ev.as_slice(), [Event::KeyReceived { key_id, .. }] if *key_id == kid(n)),
+        "{ev:?}"
+    );
+    deliver(out(s), m, now);
+    let ev = events(m);
+    assert!(
+        matches!(ev.as_slice(), [Event::KeyConfirmed { key_id, .. }] if *key_id == kid(n)),
+        "{ev:?}"
+    );
+}
+
+#[test]
+fn bootstrap_delivery_and_install() {
+    let t = Instant::now();
+    let (mut m, mut s) = pair(t);
+    m.announce(kid(1), KeyRole::Sak, 1, key(1), t, None, t)
+        .unwrap();
+    let a = out(&mut m);
+    // The first announce cannot be authenticated: nothing is shared yet.
+    assert_eq!(Message::decode(&a[0]).unwrap().auth, None);
+    deliver(a, &mut s, t);
+    assert_eq!(
+        events(&mut s),
+        vec![Event::FetchKey {
+            key_id: kid(1),
+            role: KeyRole::Sak,
+            kn: 1
+        }]
+    );
+    s.fetched(kid(1), Ok(key(1))).unwrap();
+    assert_eq!(
+        events(&mut s),
+        vec![Event::KeyReceived {
+            key_id: kid(1),
+            role: KeyRole::Sak,
+            kn: 1,
+            key: key(1)
+        }]
+    );
+    let ack = out(&mut s);
+    // The ACK proves possession: it is tagged with the new key's ICK.
+    assert_eq!(Message::decode(&ack[0]).unwrap().auth, Some(kid(1)));
+    deliver(ack, &mut m, t);
+    assert_eq!(
+        events(&mut m),
+        vec![Event::KeyConfirmed {
+            key_id: kid(1),
+            role: KeyRole::Sak,
+            kn: 1,
+            key: key(1)
+        }]
+    );
+    assert_eq!((m.anchor(), s.anchor()), (Some(kid(1)), Some(kid(1))));
+    // Nothing left to retransmit.
+    assert_eq!(
+        m.poll_timeout(),
+        Some(t + Duration::from_secs(5)),
+        "only the HELLO timer"
+    );
+
+    // Install at AN 1.
+    m.install(kid(1), KeyRole::Sak, 1, 1, None, t).unwrap();
+    let i = out(&mut m);
+    assert_eq!(Message::decode(&i[0]).unwrap().auth, Some(kid(1)));
+    deliver(i, &mut s, t);
+    assert_eq!(
+        events(&mut s),
+        vec![Event::InstallRequested {
+            key_id: kid(1),
+            role: KeyRole::Sak,
+            kn: 1,
+            an: 1,
+            nonce: None
+        }]
+    );
+    s.installed(kid(1), KeyRole::Sak, 1, 1, Ok(())).unwrap();
+    deliver(out(&mut s), &mut m, t);
+    assert_eq!(
+        events(&mut m),
+        vec![Event::PeerInstalled {
+            key_id: kid(1),
+            kn: 1,
+            an: 1
+        }]
+    );
+    // Later announces are authenticated under the anchor.
+    m.announce(kid(2), KeyRole::Sak, 2, key(2), t, None, t)
+        .unwrap();
+    assert_eq!(Message::decode(&out(&mut m)[0]).unwrap().auth, Some(kid(1)));
+}
+
+#[test]
+fn retransmission_backs_off_and_gives_up_at_the_availability_window() {
+    let t0 = Instant::now();
+    let (mut m, _s) = pair(t0);
+    m.announce(kid(1), KeyRole::Sak, 1, key(1), t0, None, t0)
+        .unwrap();
+    assert_eq!(out(&mut m).len(), 1);
+    let mut t = t0;
+    let mut gaps = Vec::new();
+    loop {
+        let next = m.poll_timeout().unwrap();
+        m.handle_timeout(next);
+        let sent: Vec<_> = out(&mut m)
+            .into_iter()
+            .filter(|p| Message::decode(p).unwrap().body.msg_type() == MsgType::Announce)
+            .collect();
+        if !sent.is_empty() {
+            gaps.push((next - t).as_millis());
+            t = next;
+        }
+        let ev = events(&mut m);
+        if !ev.is_empty() {
+            assert_eq!(
+                ev,
+                vec![Event::KeyLost {
+                    key_id: kid(1),
+                    reason: LostReason::Timeout
+                }]
+            );
+            assert_eq!(next, t0 + Duration::from_secs(10));
+            break;
+        }
+    }
+    assert_eq!(
+        gaps,
+        vec![250, 500, 1000, 2000, 4000],
+        "exponential backoff capped at 4 s"
+    );
+    // The lost key is never announced again; retransmission stopped.
+    assert_eq!(
+        m.announce(kid(1), KeyRole::Sak, 1, key(1), t, None, t),
+        Err(KeyxError::Duplicate(kid(1)))
+    );
+    m.handle_timeout(t0 + Duration::from_secs(20));
+    assert!(types(&out(&mut m)).iter().all(|t| *t == MsgType::Hello));
+}
+
+#[test]
+fn kme_deadline_shortens_the_window() {
+    let t0 = Instant::now();
+    let (mut m, _s) = pair(t0);
+    m.announce(
+        kid(1),
+        KeyRole::Sak,
+        1,
+        key(1),
+        t0,
+        Some(t0 + Duration::from_secs(3)),
+        t0,
+    )
+    .unwrap();
+    while let Some(t) = m.poll_timeout() {
+        m.handle_timeout(t);
+        let ev = events(&mut m);
+        if !ev.is_empty() {
+            assert_eq!(t, t0 + Duration::from_secs(3));
+            assert_eq!(
+                ev,
+                vec![Event::KeyLost {
+                    key_id: kid(1),
+                    reason: LostReason::Timeout
+                }]
+            );
+            return;
+        }
+    }
+    panic!("never gave up");
+}
+
+#[test]
+fn lost_first_announce_is_recovered_by_retransmission_with_a_new_sequence_number() {
+    let t0 = Instant::now();
+    let (mut m, mut s) = pair(t0);
+    m.announce(kid(1), KeyRole::Sak, 1, key(1), t0, None, t0)
+        .unwrap();
+    let first = out(&mut m);
+    let t1 = t0 + 250 * MS;
+    m.handle_timeout(t1);
+    let second = out(&mut m);
+    assert_ne!(
+        Message::decode(&first[0]).unwrap().seq,
+        Message::decode(&second[0]).unwrap().seq
+    );
+    deliver(second, &mut s, t1);
+    slave_fetches(&mut s, |_| Ok(key(1)));
+    // The first copy arrives late: a duplicate, answered from memory, no second KME request.
+    deliver(first, &mut s, t1);
+    assert!(events(&mut s).is_empty());
+    let acks = out(&mut s);
+    assert_eq!(types(&acks), vec![MsgType::Ack, MsgType::Ack]);
+    deliver(acks, &mut m, t1);
+    let ev = events(&mut m);
+    assert_eq!(ev.len(), 1, "confirmed once: {ev:?}");
+}
+
+#[test]
+fn key_gone_makes_the_master_drop_the_key() {
+    let t = Instant::now();
+    let (mut m, mut s) = pair(t);
+    m.announce(kid(1), KeyRole::Sak, 1, key(1), t, None, t)
+        .unwrap();
+    deliver(out(&mut m), &mut s, t);
+    slave_fetches(&mut s, |_| Err(NackReason::KeyGone));
+    deliver(out(&mut s), &mut m, t);
+    assert_eq!(
+        events(&mut m),
+        vec![Event::KeyLost {
+            key_id: kid(1),
+            reason: LostReason::Refused(NackReason::KeyGone)
+        }]
+    );
+    // The master re-issues with a new key, which works.
+    deliver_key(&mut m, &mut s, 2, t);
+}
+
+#[test]
+fn kme_unavailable_keeps_the_key_and_retries() {
+    let t = Instant::now();
+    let (mut m, mut s) = pair(t);
+    m.announce(kid(1), KeyRole::Sak, 1, key(1), t, None, t)
+        .unwrap();
+    deliver(out(&mut m), &mut s, t);
+    slave_fetches(&mut s, |_| Err(NackReason::KmeUnavailable));
+    deliver(out(&mut s), &mut m, t);
+    assert!(events(&mut m).is_empty(), "retryable");
+    let t1 = t + 250 * MS;
+    m.handle_timeout(t1);
+    deliver(out(&mut m), &mut s, t1);
+    slave_fetches(&mut s, |_| Ok(key(1)));
+    deliver(out(&mut s), &mut m, t1);
+    assert!(matches!(
+        events(&mut m).as_slice(),
+        [Event::KeyConfirmed { .. }]
+    ));
+}
+
+#[test]
+fn forged_and_tampered_installs_do_nothing() {
+    let t = Instant::now();
+    let (mut m, mut s) = pair(t);
+    deliver_key(&mut m, &mut s, 1, t);
+    m.install(kid(1), KeyRole::Sak, 1, 2, None, t).unwrap();
+    let genuine = out(&mut m).remove(0);
+
+    // Any single-bit change: dropped (bad tag or malformed), nothing requested.
+    for i in 0..genuine.len() {
+        let mut p = genuine.clone();
+        p[i] ^= 0x80;
+        let _ = s.handle_payload(&p, t);
+    }
+    assert!(events(&mut s).is_empty());
+    assert!(s.stats().bad_tag + s.stats().malformed > 0);
+
+    // An unauthenticated INSTALL for a held key (an attacker saw the key_ID): ignored.
+    let forged = Message {
+        seq: 5,
+        sender: "SAE_A".into(),
+        auth: None,
+        body: Body::Install {
+            key_id: kid(1),
+            role: KeyRole::Sak,
+            kn: 1,
+            an: 3,
+            nonce: None,
+        },
+    };
+    let _ = s.handle_payload(&forged.encode(None).unwrap(), t);
+    // One tagged under a key the attacker invented: not known, treated as unauthenticated.
+    let fake = Ick::derive(&key(66), kid(66), "SAE_A", "SAE_B").unwrap();
+    let forged2 = Message {
+        auth: Some(kid(66)),
+        ..forged.clone()
+    };
+    let _ = s.handle_payload(&forged2.encode(Some(&fake)).unwrap(), t);
+    // One tagged under a different *known* key (the slave holds key 2 too): not proof of key 1.
+    deliver_key(&mut m, &mut s, 2, t);
+    let other = Message {
+        auth: Some(kid(2)),
+        ..forged
+    };
+    let ick2 = Ick::derive(&key(2), kid(2), "SAE_A", "SAE_B").unwrap();
+    let _ = s.handle_payload(&other.encode(Some(&ick2)).unwrap(), t);
+    assert!(events(&mut s).is_empty());
+
+    // The genuine one still works.
+    let _ = s.handle_payload(&genuine, t);
+    assert!(matches!(
+        events(&mut s).as_slice(),
+        [Event::InstallRequested { an: 2, .. }]
+    ));
+}
+
+#[test]
+fn replayed_install_is_dropped_and_retired_keys_are_refused() {
+    let t = Instant::now();
+    let (mut m, mut s) = pair(t);
+    deliver_key(&mut m, &mut s, 1, t);
+    m.install(kid(1), KeyRole::Sak, 1, 1, None, t).unwrap();
+    let inst = out(&mut m);
+    deliver(inst.clone(), &mut s, t);
+    assert_eq!(events(&mut s).len(), 1);
+    s.installed(kid(1), KeyRole::Sak, 1, 1, Ok(())).unwrap();
+    deliver(out(&mut s), &mut m, t);
+    events(&mut m);
+
+    // Exact replay: the sequence window drops it.
+    deliver(inst.clone(), &mut s, t);
+    assert!(events(&mut s).is_empty());
+    assert_eq!(s.stats().replayed, 1);
+    assert!(out(&mut s).is_empty());
+
+    // After retirement, even a fresh-looking INSTALL for the key is refused.
+    s.retire(kid(1));
+    m.retire(kid(1));
+    assert_eq!(
+        m.install(kid(1), KeyRole::Sak, 1, 2, None, t),
+        Err(KeyxError::Retired(kid(1)))
+    );
+    let ick1 = Ick::derive(&key(1), kid(1), "SAE_A", "SAE_B").unwrap();
+    let again = Message {
+        seq: u64::MAX / 2,
+        sender: "SAE_A".into(),
+        auth: Some(kid(1)),
+        body: Body::Install {
+            key_id: kid(1),
+            role: KeyRole::Sak,
+            kn: 1,
+            an: 2,
+            nonce: None,
+        },
+    };
+    let _ = s.handle_payload(&again.encode(Some(&ick1)).unwrap(), t);
+    assert!(events(&mut s).is_empty());
+    let nack = out(&mut s);
+    assert!(matches!(
+        Message::decode(&nack[0]).unwrap().body,
+        Body::Nack {
+            reason: NackReason::Retired,
+            ..
+        }
+    ));
+    // And an ANNOUNCE for it is refused as well, without a KME request.
+    let ann = Message {
+        seq: 1,
+        sender: "SAE_A".into(),
+        auth: None,
+        body: Body::Announce {
+            key_id: kid(1),
+            role: KeyRole::Sak,
+            kn: 1,
+        },
+    };
+    let _ = s.handle_payload(&ann.encode(None).unwrap(), t + Duration::from_secs(1));
+    assert!(events(&mut s).is_empty());
+}
+
+#[test]
+fn duplicate_install_is_re_acked_without_reinstalling() {
+    let t = Instant::now();
+    let (mut m, mut s) = pair(t);
+    deliver_key(&mut m, &mut s, 1, t);
+    m.install(kid(1), KeyRole::Sak, 1, 1, None, t).unwrap();
+    deliver(out(&mut m), &mut s, t);
+    events(&mut s);
+    // While the kernel install is in progress, a retransmission is ignored.
+    m.handle_timeout(t + 250 * MS);
+    deliver(out(&mut m), &mut s, t + 250 * MS);
+    assert!(events(&mut s).is_empty());
+    assert!(out(&mut s).is_empty());
+    s.installed(kid(1), KeyRole::Sak, 1, 1, Ok(())).unwrap();
+    let ack = out(&mut s);
+    // The ACK got lost; the master retransmits; the slave re-ACKs without a new request.
+    m.handle_timeout(t + 750 * MS);
+    deliver(out(&mut m), &mut s, t + 750 * MS);
+    assert!(events(&mut s).is_empty());
+    let ack2 = out(&mut s);
+    assert_eq!(types(&ack2), vec![MsgType::Ack]);
+    deliver(ack2, &mut m, t + 750 * MS);
+    deliver(ack, &mut m, t + 750 * MS);
+    assert_eq!(
+        events(&mut m),
+        vec![Event::PeerInstalled {
+            key_id: kid(1),
+            kn: 1,
+            an: 1
+        }]
+    );
+}
+
+#[test]
+fn install_refused_or_unanswered_is_reported() {
+    let t = Instant::now();
+    let (mut m, mut s) = pair(t);
+    deliver_key(&mut m, &mut s, 1, t);
+    m.install(kid(1), KeyRole::Sak, 1, 0, None, t).unwrap();
+    deliver(out(&mut m), &mut s, t);
+    events(&mut s);
+    s.installed(kid(1), KeyRole::Sak, 1, 0, Err(NackReason::InstallFailed))
+        .unwrap();
+    deliver(out(&mut s), &mut m, t);
+    assert_eq!(
+        events(&mut m),
+        vec![Event::InstallFailed {
+            key_id: kid(1),
+            kn: 1,
+            an: 0,
+            reason: LostReason::Refused(NackReason::InstallFailed)
+        }]
+    );
+    deliver_key(&mut m, &mut s, 2, t);
+    m.install(kid(2), KeyRole::Sak, 2, 1, None, t).unwrap();
+    out(&mut m);
+    m.handle_timeout(t + Duration::from_secs(10));
+    assert!(events(&mut m).contains(&Event::InstallFailed {
+        key_id: kid(2),
+        kn: 2,
+        an: 1,
+        reason: LostReason::Timeout
+    }));
+}
+
+#[test]
+fn install_of_unknown_key_is_nacked() {
+    let t = Instant::now();
+    let (mut m, mut s) = pair(t);
+    deliver_key(&mut m, &mut s, 1, t);
+    // The slave restarts and loses everything.
+    let mut s2 = Keyx::new(cfg(Role::Slave), t);
+    m.install(kid(1), KeyRole::Sak, 1, 1, None, t).unwrap();
+    deliver(out(&mut m), &mut s2, t);
+    assert!(events(&mut s2).is_empty());
+    let nack = out(&mut s2);
+    deliver(nack, &mut m, t);
+    // Unauthenticated (the new slave has no anchor) and the master has one: ignored, the
+    // master keeps trying until its deadline rather than act on an unauthenticated word.
+    assert!(events(&mut m).is_empty());
+    // The restarted slave still processes the master's anchor-tagged ANNOUNCE (unknown key
+    // to it, so treated as unauthenticated), and the link re-bootstraps.
+    deliver_key(&mut m, &mut s2, 3, t);
+    assert_eq!(s2.anchor(), Some(kid(3)));
+    let _ = s;
+}
+
+#[test]
+fn unauthenticated_nack_is_ignored_once_a_secret_is_shared() {
+    let t = Instant::now();
+    let (mut m, mut s) = pair(t);
+    deliver_key(&mut m, &mut s, 1, t);
+    m.announce(kid(2), KeyRole::Sak, 2, key(2), t, None, t)
+        .unwrap();
+    out(&mut m);
+    let forged = Message {
+        seq: 1,
+        sender: "SAE_B".into(),
+        auth: None,
+        body: Body::Nack {
+            key_id: kid(2),
+            role: KeyRole::Sak,
+            kn: 2,
+            reason: NackReason::KeyGone,
+        },
+    };
+    let _ = m.handle_payload(&forged.encode(None).unwrap(), t);
+    assert!(
+        events(&mut m).is_empty(),
+        "the pending key survives a forged refusal"
+    );
+}
+
+#[test]
+fn wrong_sender_and_role_confusion_are_dropped() {
+    let t = Instant::now();
+    let (mut m, mut s) = pair(t);
+    let ann = Message {
+        seq: 1,
+        sender: "SAE_X".into(),
+        auth: None,
+        body: Body::Announce {
+            key_id: kid(1),
+            role: KeyRole::Sak,
+            kn: 1,
+        },
+    };
+    let _ = s.handle_payload(&ann.encode(None).unwrap(), t);
+    assert_eq!(s.stats().wrong_sender, 1);
+    // The master does not act on ANNOUNCE (reflection of its own message with the peer's name).
+    let refl = Message {
+        sender: "SAE_B".into(),
+        ..ann
+    };
+    let _ = m.handle_payload(&refl.encode(None).unwrap(), t);
+    assert_eq!(m.stats().unexpected, 1);
+    assert!(events(&mut m).is_empty() && events(&mut s).is_empty());
+    assert_eq!(
+        s.fetched(kid(1), Ok(key(1))),
+        Err(KeyxError::NotRequested(kid(1)))
+    );
+    assert_eq!(
+        m.fetched(kid(1), Ok(key(1))),
+        Err(KeyxError::WrongRole(Role::Master))
+    );
+    assert_eq!(
+        s.announce(kid(1), KeyRole::Sak, 1, key(1), t, None, t),
+        Err(KeyxError::WrongRole(Role::Slave))
+    );
+    assert_eq!(
+        m.install(kid(9), KeyRole::Sak, 1, 0, None, t),
+        Err(KeyxError::NotConfirmed(kid(9)))
+    );
+    assert!(matches!(
+        m.announce(
+            kid(5),
+            KeyRole::Sak,
+            1,
+            SecretBytes::new(vec![1; 20]),
+            t,
+            None,
+            t
+        ),
+        Err(KeyxError::KeyLength { len: 20, .. })
+    ));
+}
+
+#[test]
+fn flood_is_rate_limited_but_genuine_messages_get_through() {
+    let t = Instant::now();
+    let (mut m, mut s) = pair(t);
+    deliver_key(&mut m, &mut s, 1, t);
+    // 1000 unauthenticated announces of bogus keys within one second.
+    for i in 0..1000u32 {
+        let mut id = [0xF0u8; 16];
+        id[..4].copy_from_slice(&i.to_be_bytes());
+        let p = Message {
+            seq: u64::from(i),
+            sender: "SAE_A".into(),
+            auth: None,
+            body: Body::Announce {
+                key_id: KeyId(id),
+                role: KeyRole::Sak,
+                kn: i,
+            },
+        };
+        let _ = s.handle_payload(&p.encode(None).unwrap(), t + MS * i);
+    }
+    let fetches = events(&mut s)
+        .into_iter()
+        .filter(|e| matches!(e, Event::FetchKey { .. }))
+        .count();
+    assert!(fetches <= MAX_FETCHES_IN_FLIGHT, "{fetches} KME requests");
+    assert!(s.stats().rate_limited > 900, "{:?}", s.stats());
+    // During the flood, the genuine authenticated INSTALL is processed.
+    m.install(kid(1), KeyRole::Sak, 1, 1, None, t).unwrap();
+    deliver(out(&mut m), &mut s, t + MS * 1000);
+    assert!(matches!(
+        events(&mut s).as_slice(),
+        [Event::InstallRequested { .. }]
+    ));
+}
+
+#[test]
+fn reordered_authenticated_messages_are_accepted_once_each() {
+    let t = Instant::now();
+    let (mut m, mut s) = pair(t);
+    deliver_key(&mut m, &mut s, 1, t);
+    m.set_status(None, 3);
+    m.handle_timeout(t + Duration::from_secs(5));
+    m.handle_timeout(t + Duration::from_secs(10));
+    let mut hellos = out(&mut m);
+    assert_eq!(hellos.len(), 2);
+    hellos.reverse();
+    deliver(hellos.clone(), &mut s, t);
+    let ev = events(&mut s);
+    assert_eq!(ev.len(), 2);
+    assert!(ev.iter().all(|e| matches!(
+        e,
+        Event::PeerHello {
+            authenticated: true,
+            held: 3,
+            ..
+        }
+    )));
+    deliver(hellos, &mut s, t);
+    assert!(events(&mut s).is_empty());
+    assert_eq!(s.stats().replayed, 2);
+}
+
+#[test]
+fn replay_window_rules() {
+    let mut w = ReplayWindow::default();
+    assert!(w.accept(100));
+    assert!(!w.accept(100));
+    assert!(w.accept(99));
+    assert!(w.accept(37), "63 back is inside the window");
+    assert!(!w.accept(36), "64 back is outside");
+    assert!(w.accept(1000));
+    assert!(!w.accept(100));
+    assert!(w.accept(999));
+    assert!(w.accept(u64::MAX));
+    assert!(!w.accept(1000));
+}
+
+#[test]
+fn hello_carries_status_and_is_periodic() {
+    let t = Instant::now();
+    let (mut m, mut s) = pair(t);
+    deliver_key(&mut m, &mut s, 1, t);
+    let active = Active {
+        key_id: kid(1),
+        role: KeyRole::Sak,
+        kn: 1,
+        an: 2,
+    };
+    s.set_status(Some(active.clone()), 300);
+    assert_eq!(s.poll_timeout(), Some(t + Duration::from_secs(5)));
+    s.handle_timeout(t + Duration::from_secs(5));
+    deliver(out(&mut s), &mut m, t);
+    assert_eq!(
+        events(&mut m),
+        vec![Event::PeerHello {
+            active: Some(active),
+            held: 255,
+            authenticated: true
+        }]
+    );
+}
+
+// ---- Property: a lossy, duplicating, reordering channel delays but never breaks delivery ----
+
+#[derive(Debug, Clone, Copy)]
+enum Fate {
+    Deliver,
+    Drop,
+    Duplicate,
+    Delay,
+}
+
+fn fate() -> impl Strategy<Value = Fate> {
+    prop_oneof![
+        4 => Just(Fate::Deliver),
+        2 => Just(Fate::Drop),
+        1 => Just(Fate::Duplicate),
+        1 => Just(Fate::Delay),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+    #[test]
+    fn unreliable_channel_never_breaks_the_exchange(fates in proptest::collection::vec(fate(), 0..80)) {
+        let t0 = Instant::now();
+        let (mut m, mut s) = pair(t0);
+        let mut now = t0;
+        let mut fates = fates.into_iter();
+        let mut delayed: Vec<(bool, Vec<u8>)> = Vec::new();
+        let mut confirmed = None;
+        let mut received = None;
+        let mut installs = 0;
+        let mut peer_installed = false;
+        m.announce(kid(1), KeyRole::Sak, 1, key(1), t0, None, t0).unwrap();
+        for _step in 0..400 {
+            // Move both directions through the channel.
+            let mut batch: Vec<(bool, Vec<u8>)> = out(&mut m).into_iter().map(|p| (true, p)).collect();
+            batch.extend(out(&mut s).into_iter().map(|p| (false, p)));
+            batch.append(&mut delayed);
+            for (to_slave, p) in batch {
+                // The channel misbehaves for the first 3 s, then recovers; everything must
+                // complete inside the 10 s availability window.
+                let f = if now < t0 + Duration::from_secs(3) {
+                    fates.next().unwrap_or(Fate::Deliver)
+                } else {
+                    Fate::Deliver
+                };
+                let copies = match f {
+                    Fate::Deliver => 1,
+                    Fate::Drop => 0,
+                    Fate::Duplicate => 2,
+                    Fate::Delay => { delayed.push((to_slave, p)); continue; }
+                };
+                for _ in 0..copies {
+                    if to_slave { let _ = s.handle_payload(&p, now); } else { let _ = m.handle_payload(&p, now); }
+                }
+            }
+            for e in events(&mut s) {
+                match e {
+                    Event::FetchKey { key_id, .. } => s.fetched(key_id, Ok(key(1))).unwrap(),
+                    Event::KeyReceived { key, .. } => { prop_assert!(received.is_none()); received = Some(key); }
+                    Event::InstallRequested { key_id, role, kn, an, .. } => {
+                        installs += 1;
+                        s.installed(key_id, role, kn, an, Ok(())).unwrap();
+                    }
+                    _ => {}
+                }
+            }
+            for e in events(&mut m) {
+                match e {
+                    Event::KeyConfirmed { key, .. } => {
+                        prop_assert!(confirmed.is_none(), "confirmed twice");
+                        confirmed = Some(key);
+                        m.install(kid(1), KeyRole::Sak, 1, 1, None, now).unwrap();
+                    }
+                    Event::PeerInstalled { .. } => { prop_assert!(!peer_installed); peer_installed = true; }
+                    Event::KeyLost { .. } | Event::InstallFailed { .. } => {
+                        prop_assert!(false, "gave up although the channel recovers: {e:?}");
+                    }
+                    _ => {}
+                }
+            }
+            if peer_installed { break; }
+            now += 50 * MS;
+            m.handle_timeout(now);
+            s.handle_timeout(now);
+        }
+        prop_assert!(peer_installed, "exchange did not complete");
+        prop_assert_eq!(installs, 1, "the slave installed exactly once");
+        prop_assert_eq!(confirmed.unwrap(), received.unwrap());
+    }
+}
