@@ -163,10 +163,6 @@ fn nonce_source() -> NonceSource {
     })
 }
 
-fn cipher_of(c: crate::config::Cipher) -> macsec::Cipher {
-    macsec::Cipher::from_id(c.kernel_id()).expect("config ciphers are the kernel's ciphers")
-}
-
 fn sci(mac: [u8; 6]) -> macsec::Sci {
     // The SCI the kernel gives a MACsec link: the lower device's MAC and port 1
     // (macsec::LinkConfig's default port).
@@ -222,11 +218,7 @@ async fn run_link(
 ) -> anyhow::Result<()> {
     let label = link.label().to_owned();
     let mut macsec = Macsec::open().context("opening kernel MACsec")?;
-    let lcfg = macsec::LinkConfig::new(
-        &link.macsec_interface,
-        &link.lower_interface,
-        cipher_of(link.cipher),
-    );
+    let lcfg = macsec::LinkConfig::new(&link.macsec_interface, &link.lower_interface, link.cipher);
     let adopted = macsec
         .ensure_link(&lcfg)
         .with_context(|| format!("creating or adopting MACsec link {}", link.macsec_interface))?;

@@ -93,58 +93,9 @@ impl Default for Global {
     }
 }
 
-/// MACsec cipher suites the kernel offers (include/uapi/linux/if_macsec.h).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum Cipher {
-    #[serde(rename = "gcm-aes-128")]
-    GcmAes128,
-    #[serde(rename = "gcm-aes-256")]
-    GcmAes256,
-    #[serde(rename = "gcm-aes-xpn-128")]
-    GcmAesXpn128,
-    #[serde(rename = "gcm-aes-xpn-256")]
-    GcmAesXpn256,
-}
-
-impl Cipher {
-    /// The SAK length this suite takes, in bytes.
-    pub fn key_len(self) -> usize {
-        match self {
-            Cipher::GcmAes128 | Cipher::GcmAesXpn128 => 16,
-            Cipher::GcmAes256 | Cipher::GcmAesXpn256 => 32,
-        }
-    }
-    /// Extended packet numbering (64-bit PN, SSCI and salt per SA).
-    pub fn is_xpn(self) -> bool {
-        matches!(self, Cipher::GcmAesXpn128 | Cipher::GcmAesXpn256)
-    }
-    /// The largest PN the suite can carry: 2^32-1, or 2^64-1 with XPN (IEEE 802.1AE-2018 10.6).
-    pub fn max_pn(self) -> u64 {
-        if self.is_xpn() {
-            u64::MAX
-        } else {
-            u64::from(u32::MAX)
-        }
-    }
-    /// The kernel's cipher-suite identifier (`MACSEC_CIPHER_ID_*`).
-    pub fn kernel_id(self) -> u64 {
-        match self {
-            Cipher::GcmAes128 => 0x0080_C200_0100_0001,
-            Cipher::GcmAes256 => 0x0080_C200_0100_0002,
-            Cipher::GcmAesXpn128 => 0x0080_C200_0100_0003,
-            Cipher::GcmAesXpn256 => 0x0080_C200_0100_0004,
-        }
-    }
-    /// The name as written in the config.
-    pub fn name(self) -> &'static str {
-        match self {
-            Cipher::GcmAes128 => "gcm-aes-128",
-            Cipher::GcmAes256 => "gcm-aes-256",
-            Cipher::GcmAesXpn128 => "gcm-aes-xpn-128",
-            Cipher::GcmAesXpn256 => "gcm-aes-xpn-256",
-        }
-    }
-}
+/// MACsec cipher suites: the kernel layer's type, so config and kernel can never disagree on a
+/// suite's key length, PN space or identifier. Config names are `ip macsec`'s.
+pub use crate::macsec::Cipher;
 
 /// Who fetches keys with `enc_keys` and announces them (master) and who fetches by key_ID with
 /// `dec_keys` (slave).
@@ -671,7 +622,7 @@ fn validate_link(l: &Link, f: &dyn Fn(&str) -> String) -> Result<(), (String, St
                 f("akl.max_pn"),
                 format!(
                     "{pn:#x} exceeds the PN space of {} ({:#x}); use an XPN suite or a smaller value",
-                    l.cipher.name(),
+                    l.cipher.ip_name(),
                     l.cipher.max_pn()
                 ),
             ));

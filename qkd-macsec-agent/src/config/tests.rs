@@ -438,6 +438,6 @@ fn cipher_properties() {
     assert_eq!(Cipher::GcmAesXpn256.key_len(), 32);
     assert!(!Cipher::GcmAes256.is_xpn());
     assert!(Cipher::GcmAesXpn128.is_xpn());
-    assert_eq!(Cipher::GcmAesXpn256.kernel_id(), 0x0080_C200_0100_0004);
+    assert_eq!(Cipher::GcmAesXpn256.id(), 0x0080_C200_0100_0004);
     assert_eq!(Cipher::GcmAes128.max_pn(), 0xFFFF_FFFF);
 }

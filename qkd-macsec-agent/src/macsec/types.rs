@@ -10,11 +10,15 @@ use super::MacsecError;
 use crate::secret::SecretBytes;
 
 /// The four cipher suites Linux MACsec implements (IEEE 802.1AE-2018 table 14-1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Deserialize)]
 pub enum Cipher {
+    #[serde(rename = "gcm-aes-128")]
     GcmAes128,
+    #[serde(rename = "gcm-aes-256")]
     GcmAes256,
+    #[serde(rename = "gcm-aes-xpn-128")]
     GcmAesXpn128,
+    #[serde(rename = "gcm-aes-xpn-256")]
     GcmAesXpn256,
 }
 

@@ -258,7 +258,7 @@ impl Cak {
             return Err(ProfileError::NonceLength {
                 got: nonce.as_bytes().len(),
                 want: cipher.key_len(),
-                cipher: cipher.name(),
+                cipher: cipher.ip_name(),
             });
         }
         if kn <= self.last_kn {
@@ -518,7 +518,7 @@ impl KeySupply {
                 let nonce = Nonce::new(nonce).ok_or(ProfileError::NonceLength {
                     got: nonce.len(),
                     want: self.p.cipher.key_len(),
-                    cipher: self.p.cipher.name(),
+                    cipher: self.p.cipher.ip_name(),
                 })?;
                 let kn = cak
                     .last_kn
@@ -577,7 +577,7 @@ impl KeySupply {
                 let nonce = nonce.ok_or(ProfileError::NonceLength {
                     got: 0,
                     want: cipher.key_len(),
-                    cipher: cipher.name(),
+                    cipher: cipher.ip_name(),
                 })?;
                 cak.derive(kn, nonce, cipher)
             }
