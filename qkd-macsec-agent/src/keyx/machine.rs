@@ -834,17 +834,26 @@ impl Keyx {
         self.stats.unexpected += 1;
     }
 
+    /// A retired key is never taken back into use: an announce or install of one gets a
+    /// `Retired` NACK and changes nothing. Returns whether the key was retired.
+    fn nack_if_retired(&mut self, key_id: KeyId, role: KeyRole, kn: u32) -> bool {
+        if !self.retired.contains(&key_id) {
+            return false;
+        }
+        self.send(
+            self.anchor,
+            Body::Nack {
+                key_id,
+                role,
+                kn,
+                reason: NackReason::Retired,
+            },
+        );
+        true
+    }
+
     fn on_announce(&mut self, key_id: KeyId, role: KeyRole, kn: u32) {
-        if self.retired.contains(&key_id) {
-            self.send(
-                self.anchor,
-                Body::Nack {
-                    key_id,
-                    role,
-                    kn,
-                    reason: NackReason::Retired,
-                },
-            );
+        if self.nack_if_retired(key_id, role, kn) {
             return;
         }
         if let Some(&(r, n)) = self.received.get(&key_id) {
@@ -881,16 +890,7 @@ impl Keyx {
         nonce: Option<Nonce>,
         auth: Option<KeyId>,
     ) {
-        if self.retired.contains(&key_id) {
-            self.send(
-                self.anchor,
-                Body::Nack {
-                    key_id,
-                    role,
-                    kn,
-                    reason: NackReason::Retired,
-                },
-            );
+        if self.nack_if_retired(key_id, role, kn) {
             return;
         }
         if !self.icks.contains_key(&key_id) {
