@@ -26,12 +26,17 @@ fn link_comes_up(profile: &'static str) {
     std::thread::sleep(Duration::from_secs(5));
     run.bed.check_agents_alive();
     let (ab, ba) = (ab.finish(Duration::from_secs(1)), ba.finish(Duration::ZERO));
+    let views = run.monitor.snapshot(|s| s.latest.clone());
     for (dir, r) in [("gw-a -> gw-b", &ab), ("gw-b -> gw-a", &ba)] {
         assert!(r.sent > 300, "{dir}: only {} datagrams sent in 5 s", r.sent);
-        assert_eq!(r.lost, 0, "{dir}: {r:?}\n{}", run.bed.logs_tail(30));
+        assert_eq!(
+            r.lost,
+            0,
+            "{dir}: {r:?}\nkernel views (gw-a, gw-b): {views:?}\n{}",
+            run.bed.logs_tail(30)
+        );
         assert_eq!(r.duplicated, 0, "{dir}: {r:?}");
     }
-    let views = run.monitor.snapshot(|s| s.latest.clone());
     for (i, v) in views.iter().enumerate() {
         let side = Side::BOTH[i];
         assert!(v.secured(), "{}: {v:?}", side.label());
