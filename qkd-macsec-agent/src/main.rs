@@ -19,6 +19,8 @@ struct Cli {
 enum Command {
     /// Run the agent: key every configured link's MACsec from QKD and watch its key lifetime.
     Run(qkd_macsec_agent::agent::run::RunArgs),
+    /// Show each link of the running agent: state, keys IDs, AKL left, key supply, counters.
+    Status(qkd_macsec_agent::ops::client::StatusArgs),
     /// Benchmark the key exchange's per-message cost against AES-CMAC (`cargo xtask bench agent`).
     #[command(hide = true)]
     BenchAgent {
@@ -110,6 +112,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(a) => qkd_macsec_agent::agent::run::run(a),
+        Command::Status(a) => Ok(qkd_macsec_agent::ops::client::run(a)?),
         Command::BenchAgent { messages } => qkd_macsec_agent::agent::bench::run(messages),
         Command::EbpfInfo => {
             println!(

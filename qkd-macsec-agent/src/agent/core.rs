@@ -131,6 +131,9 @@ pub struct LinkCore {
     peer_reset_holdoff: Option<Instant>,
     retire_at: Vec<(Instant, u8, [u8; 6])>,
     alarms: u64,
+    /// Operator counters for the status socket and metrics (crate::ops).
+    warnings: u64,
+    activations: u64,
     last_report: Option<Report>,
     commands: VecDeque<Command>,
 }
@@ -146,9 +149,14 @@ impl std::fmt::Debug for LinkCore {
     }
 }
 
-/// A snapshot for the status socket and logs (no key material).
+/// A snapshot for the status socket and logs (no key material). The JSON form is a versioned,
+/// documented schema (docs/status.md, [`crate::ops::status::STATUS_SCHEMA_VERSION`]): fields are
+/// only ever added; a rename or removal bumps the version.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Status {
+    pub schema_version: u32,
+    /// `secured`, `warning` (AKL past `warn_at`), `rekeying` (a rollover in progress) or `stalled`.
+    pub state: &'static str,
     pub link: String,
     pub role: &'static str,
     pub profile: &'static str,
@@ -164,6 +172,21 @@ pub struct Status {
     pub alarms: u64,
     pub last_report: Option<String>,
     pub rollover_in_progress: bool,
+    /// The key_ID and AN of the rollover in progress.
+    pub next_key_id: Option<String>,
+    pub next_an: Option<u8>,
+    /// What is left of the active key's lifetime (absent while stalled).
+    pub akl_remaining_seconds: Option<f64>,
+    pub akl_remaining_frames: Option<u64>,
+    /// k of the sak profile (absent in the cak profile).
+    pub key_buffer_capacity: Option<usize>,
+    pub consecutive_fetch_failures: u32,
+    /// Key switches after the first key of this process.
+    pub rollovers: u64,
+    pub warnings: u64,
+    /// Filled by the IO layer (KME latency, data plane counters).
+    #[serde(flatten)]
+    pub io: crate::ops::status::IoStats,
 }
 
 fn mac_str(m: [u8; 6]) -> String {
@@ -208,6 +231,8 @@ impl LinkCore {
             peer_reset_holdoff: None,
             retire_at: Vec::new(),
             alarms: 0,
+            warnings: 0,
+            activations: 0,
             last_report: None,
             commands: VecDeque::new(),
         };
@@ -229,7 +254,28 @@ impl LinkCore {
     }
 
     pub fn status(&self, now: Instant) -> Status {
+        let next = match &self.roll {
+            Roll::Idle => None,
+            Roll::MasterPreparingRx { sak, an }
+            | Roll::MasterInstalling { sak, an }
+            | Roll::MasterActivatingTx { sak, an }
+            | Roll::SlavePreparingRx { sak, an, .. }
+            | Roll::SlaveActivatingTx { sak, an, .. } => Some((sak.key_ref, *an)),
+        };
+        let used = self.wd.used(now);
+        let remaining = self.wd.remaining(now);
+        let state = if self.wd.is_stalled() {
+            "stalled"
+        } else if used.is_some_and(|u| u >= self.wd.limits().warn_at) {
+            "warning"
+        } else if next.is_some() {
+            "rekeying"
+        } else {
+            "secured"
+        };
         Status {
+            schema_version: crate::ops::status::STATUS_SCHEMA_VERSION,
+            state,
             link: self.label.clone(),
             role: match self.role {
                 Role::Master => "master",
@@ -247,13 +293,23 @@ impl LinkCore {
             active_key_id: self.active.map(|(k, _)| k.key_id.to_string()),
             active_kn: self.active.map(|(k, _)| k.kn),
             active_an: self.active.map(|(_, an)| an),
-            used: self.wd.used(now),
+            used,
             keys_held: self.supply.held(),
             anchor: self.keyx.anchor().map(|k| k.to_string()),
             peer_mac: self.peer_mac.map(mac_str),
             alarms: self.alarms,
             last_report: self.last_report.as_ref().map(|r| format!("{r:?}")),
             rollover_in_progress: !matches!(self.roll, Roll::Idle),
+            next_key_id: next.map(|(k, _)| k.key_id.to_string()),
+            next_an: next.map(|(_, an)| an),
+            akl_remaining_seconds: remaining.map(|(t, _)| t.as_secs_f64()),
+            akl_remaining_frames: remaining.map(|(_, f)| f),
+            key_buffer_capacity: (self.kind == ProfileKind::Sak)
+                .then_some(self.supply.params().buffer),
+            consecutive_fetch_failures: self.supply.consecutive_failures(),
+            rollovers: self.activations.saturating_sub(1),
+            warnings: self.warnings,
+            io: Default::default(),
         }
     }
 
@@ -460,6 +516,7 @@ impl LinkCore {
     fn activated(&mut self, key: KeyRef, an: u8, now: Instant) {
         let old = self.active.replace((key, an));
         self.last_an = Some(an);
+        self.activations += 1;
         self.wd.handle_activated(key, an, now);
         self.rollover_wanted = false;
         if let Some((old_key, old_an)) = old {
@@ -494,6 +551,9 @@ impl LinkCore {
     fn report(&mut self, r: Report) {
         if matches!(r, Report::Alarm(_)) {
             self.alarms += 1;
+        }
+        if matches!(r, Report::Warn { .. }) {
+            self.warnings += 1;
         }
         self.last_report = Some(r.clone());
         self.commands.push_back(Command::Report(r));

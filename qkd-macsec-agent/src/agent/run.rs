@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 
-use super::core::{Command, FetchedKey, LinkCore, NonceSource, Report, Status};
+use super::core::{Command, FetchedKey, LinkCore, NonceSource, Status};
 use crate::certs::tls::TlsFiles;
 use crate::config::{Config, Link, Role};
 use crate::dataplane::{Dataplane, DataplaneEvent, DataplaneOptions, Direction};
@@ -59,16 +59,32 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let statuses: Arc<Mutex<Vec<Option<Status>>>> =
         Arc::new(Mutex::new(vec![None; cfg.link.len()]));
-    let status_task = spawn_status_socket(cfg.global.status_socket.clone(), statuses.clone())?;
+    let status_gid = cfg
+        .global
+        .status_group
+        .as_deref()
+        .map(crate::ops::socket::resolve_group)
+        .transpose()?;
+    let status_task = spawn_status_socket(
+        cfg.global.status_socket.clone(),
+        status_gid,
+        statuses.clone(),
+    )?;
+    let metrics_task = match cfg.global.metrics_address {
+        Some(addr) => Some(crate::ops::metrics::serve(addr, statuses.clone()).await?.1),
+        None => None,
+    };
+    let alarms = crate::ops::alarm::AlarmSink::start(cfg.global.alarm_hook.clone());
     let mut tasks = Vec::new();
     for (i, link) in cfg.link.iter().enumerate() {
         let link = link.clone();
         let global = cfg.global.clone();
         let stop = stop_rx.clone();
         let statuses = statuses.clone();
+        let alarms = alarms.clone();
         tasks.push(tokio::spawn(async move {
             let label = link.label().to_owned();
-            let r = run_link(i, link, global, stop, statuses).await;
+            let r = run_link(i, link, global, stop, statuses, alarms).await;
             if let Err(e) = &r {
                 tracing::error!(link = %label, error = format!("{e:#}"), "link stopped");
             }
@@ -90,6 +106,9 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
         None => all.await,
     };
     status_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     let _ = std::fs::remove_file(&cfg.global.status_socket);
     let mut first_err = None;
     for r in results {
@@ -119,19 +138,14 @@ async fn futures_join<T>(
     out
 }
 
-/// Serves the statuses as one JSON array per connection.
+/// Serves the statuses as one JSON array per connection (schema: docs/status.md). Mode 0660,
+/// root and `gid` only (crate::ops::socket).
 fn spawn_status_socket(
     path: PathBuf,
+    gid: Option<u32>,
     statuses: Arc<Mutex<Vec<Option<Status>>>>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the status socket directory {}", dir.display()))?;
-    }
-    // A socket left by a previous run would make bind fail with EADDRINUSE.
-    let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path)
-        .with_context(|| format!("binding the status socket {}", path.display()))?;
+    let listener = crate::ops::socket::bind_status_socket(&path, gid)?;
     Ok(tokio::spawn(async move {
         loop {
             let Ok((mut conn, _)) = listener.accept().await else {
@@ -149,8 +163,27 @@ fn spawn_status_socket(
 
 /// What a spawned KME request reports back.
 enum KmeResult {
-    Enc(Result<FetchedKey, String>),
-    Dec(KeyId, Result<SecretBytes, NackReason>),
+    Enc(Result<FetchedKey, String>, FetchMeta),
+    Dec(KeyId, Result<SecretBytes, NackReason>, FetchMeta),
+}
+
+/// For the status and metrics: how long a KME request took and its result class.
+struct FetchMeta {
+    latency: Duration,
+    result: &'static str,
+    error: Option<String>,
+}
+
+impl FetchMeta {
+    fn of<T>(started: Instant, r: &Result<T, Etsi014Error>) -> Self {
+        Self {
+            latency: started.elapsed(),
+            result: r
+                .as_ref()
+                .map_or_else(crate::ops::status::fetch_result_class, |_| "ok"),
+            error: r.as_ref().err().map(ToString::to_string),
+        }
+    }
 }
 
 fn nonce_source() -> NonceSource {
@@ -207,6 +240,7 @@ struct LinkIo {
     kme_tx: mpsc::Sender<KmeResult>,
     xpn: bool,
     peer_mac: Option<[u8; 6]>,
+    ops: crate::ops::LinkOps,
 }
 
 async fn run_link(
@@ -215,6 +249,7 @@ async fn run_link(
     global: crate::config::Global,
     mut stop: watch::Receiver<bool>,
     statuses: Arc<Mutex<Vec<Option<Status>>>>,
+    alarms: crate::ops::alarm::AlarmSink,
 ) -> anyhow::Result<()> {
     let label = link.label().to_owned();
     let mut macsec = Macsec::open().context("opening kernel MACsec")?;
@@ -267,13 +302,14 @@ async fn run_link(
         kme_tx,
         xpn: link.cipher.is_xpn(),
         peer_mac: None,
+        ops: crate::ops::LinkOps::new(&label, alarms),
     };
     tracing::info!(link = %label, role = ?io.role, lower = %link.lower_interface, macsec = %link.macsec_interface, "link started");
     let mut poll = tokio::time::interval(POLL_INTERVAL);
     loop {
         io.execute(&mut core);
         if let Ok(mut s) = statuses.lock() {
-            s[index] = Some(core.status(Instant::now()));
+            s[index] = Some(io.ops.complete(core.status(Instant::now())));
         }
         let wake = core
             .poll_timeout()
@@ -284,8 +320,14 @@ async fn run_link(
                 core.handle_timeout(Instant::now());
             }
             r = kme_rx.recv() => match r {
-                Some(KmeResult::Enc(r)) => core.handle_enc_key(r, Instant::now()),
-                Some(KmeResult::Dec(id, r)) => core.handle_dec_key(id, r, Instant::now()),
+                Some(KmeResult::Enc(r, m)) => {
+                    io.ops.fetch_done("enc_keys", m.result, m.latency, m.error);
+                    core.handle_enc_key(r, Instant::now())
+                }
+                Some(KmeResult::Dec(id, r, m)) => {
+                    io.ops.fetch_done("dec_keys", m.result, m.latency, m.error);
+                    core.handle_dec_key(id, r, Instant::now())
+                }
                 None => bail!("KME result channel closed"),
             },
             ev = events.next() => match ev {
@@ -322,25 +364,23 @@ impl LinkIo {
                     let tx = self.kme_tx.clone();
                     let slave = self.peer_sae.clone();
                     tokio::spawn(async move {
-                        let r = kme
-                            .enc_keys(&slave, 1, Some((size_bytes * 8) as u32))
-                            .await
-                            .map_err(|e| e.to_string())
-                            .and_then(|mut keys| {
-                                let k =
-                                    keys.pop().ok_or_else(|| "KME returned no key".to_owned())?;
-                                let key_id =
-                                    k.id.hyphenated()
-                                        .to_string()
-                                        .parse::<KeyId>()
-                                        .map_err(|e| e.to_string())?;
-                                Ok(FetchedKey {
-                                    key_id,
-                                    key: k.material,
-                                    slave_deadline: k.slave_deadline,
-                                })
-                            });
-                        let _ = tx.send(KmeResult::Enc(r)).await;
+                        let started = Instant::now();
+                        let r = kme.enc_keys(&slave, 1, Some((size_bytes * 8) as u32)).await;
+                        let meta = FetchMeta::of(started, &r);
+                        let r = r.map_err(|e| e.to_string()).and_then(|mut keys| {
+                            let k = keys.pop().ok_or_else(|| "KME returned no key".to_owned())?;
+                            let key_id =
+                                k.id.hyphenated()
+                                    .to_string()
+                                    .parse::<KeyId>()
+                                    .map_err(|e| e.to_string())?;
+                            Ok(FetchedKey {
+                                key_id,
+                                key: k.material,
+                                slave_deadline: k.slave_deadline,
+                            })
+                        });
+                        let _ = tx.send(KmeResult::Enc(r, meta)).await;
                     });
                 }
                 Command::FetchDecKey { key_id, size_bytes } => {
@@ -349,15 +389,16 @@ impl LinkIo {
                     let master = self.peer_sae.clone();
                     tokio::spawn(async move {
                         let uuid = uuid::Uuid::from_bytes(key_id.0);
+                        let started = Instant::now();
                         let r = kme
                             .dec_key(&master, uuid, Some((size_bytes * 8) as u32))
-                            .await
-                            .map(|k| k.material)
-                            .map_err(|e| {
-                                tracing::warn!(%key_id, error = %e, "dec_keys failed");
-                                nack_of(&e)
-                            });
-                        let _ = tx.send(KmeResult::Dec(key_id, r)).await;
+                            .await;
+                        let meta = FetchMeta::of(started, &r);
+                        let r = r.map(|k| k.material).map_err(|e| {
+                            tracing::warn!(%key_id, error = %e, "dec_keys failed");
+                            nack_of(&e)
+                        });
+                        let _ = tx.send(KmeResult::Dec(key_id, r, meta)).await;
                     });
                 }
                 Command::SendTlv(p) => {
@@ -438,18 +479,8 @@ impl LinkIo {
                         let _ = self.dp.unregister_sa(&key);
                     }
                 }
-                Command::Report(r) => match r {
-                    Report::Warn { key, used } => {
-                        tracing::warn!(link = %self.label, key_id = %key.key_id, kn = key.kn, used, "active key lifetime nearly used up")
-                    }
-                    Report::Alarm(a) => tracing::error!(link = %self.label, alarm = ?a, "ALARM"),
-                    Report::CakExpired { key_id } => {
-                        tracing::error!(link = %self.label, %key_id, "ALARM: CAK lifetime over")
-                    }
-                    Report::RolloverFailed { detail } => {
-                        tracing::error!(link = %self.label, %detail, "rollover failed")
-                    }
-                },
+                // Logged with a stable identifier (docs/alarms.md), hook run, status updated.
+                Command::Report(r) => self.ops.report(&r),
             }
         }
     }
@@ -494,6 +525,7 @@ impl LinkIo {
         if self.xpn {
             let _ = self.dp.sync_xpn_upper();
         }
+        self.ops.read_dataplane(&self.dp);
         self.execute(core);
     }
 }
