@@ -7,10 +7,12 @@
 //! - `test`: every check, in order: fmt, clippy, unit tests, loopback integration tests, privileged host tests, VM tests.
 //! - `build-ebpf`: builds the eBPF object alone.
 //! - `demo`: two QKD-keyed MACsec gateways with traffic and a live view (in the VM if needed).
-//! - `bench <area>`: benchmarks, merged into target/bench/results.json.
+//! - `bench [area]`: benchmarks, merged into target/bench/results.json, and the report.
+//! - `package`: the Debian package (target/package/*.deb).
 
 mod bench;
 mod demo;
+mod package;
 mod setup;
 mod test;
 mod util;
@@ -90,6 +92,13 @@ enum Cmd {
         /// kme, macsec, ebpf, agent or all.
         area: String,
     },
+    /// Build the Debian package into target/package/ (binary, systemd unit, sample config, man
+    /// pages, docs).
+    Package {
+        /// Package the debug build (faster; for tests) instead of the release build.
+        #[arg(long)]
+        debug: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -117,6 +126,7 @@ fn main() -> ExitCode {
             place,
         }),
         Cmd::Bench { area } => bench::run(&area).map(|_| 0),
+        Cmd::Package { debug } => package::run(!debug).map(|_| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code),

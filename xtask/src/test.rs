@@ -183,6 +183,10 @@ fn host(filter: Option<&str>) -> Result<()> {
         bail!("no tests/tests/host_*.rs matched; nothing would be tested");
     }
     build_agent()?;
+    if targets.iter().any(|t| t.contains("package")) {
+        // host_package installs what `cargo xtask package` builds (debug build: same contents).
+        crate::package::run(false)?;
+    }
     let mut c = cargo(&["test", "-p", "qkd-macsec-tests"]);
     for t in &targets {
         c.args(["--test", t]);

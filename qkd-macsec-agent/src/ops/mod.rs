@@ -93,3 +93,56 @@ impl LinkOps {
         s
     }
 }
+
+/// `qkd-macsec-agent check-config --config FILE`: loads and validates like `run` does, without
+/// touching the system (the systemd unit's ExecStartPre, and for operators before a restart).
+pub fn check_config(path: &std::path::Path) -> Result<String, crate::config::ConfigError> {
+    let cfg = crate::config::Config::load(path)?;
+    let links: Vec<String> = cfg
+        .link
+        .iter()
+        .map(|l| {
+            format!(
+                "{} ({} on {}, {:?}, profile {:?})",
+                l.label(),
+                l.macsec_interface,
+                l.lower_interface,
+                l.role(),
+                l.profile
+            )
+        })
+        .collect();
+    Ok(format!(
+        "{}: OK, {} link(s): {}",
+        path.display(),
+        links.len(),
+        links.join("; ")
+    ))
+}
+
+/// Writes roff man pages for `cmd` and each visible subcommand into `dir` (section 8:
+/// system administration), named `qkd-macsec-agent.8`, `qkd-macsec-agent-run.8`, ...
+pub fn write_man_pages(cmd: clap::Command, dir: &std::path::Path) -> std::io::Result<Vec<String>> {
+    std::fs::create_dir_all(dir)?;
+    let mut written = Vec::new();
+    let cmd = cmd.version(env!("CARGO_PKG_VERSION"));
+    let root = cmd.get_name().to_owned();
+    // The page title is the display name (`qkd-macsec-agent-run`), the synopsis the words an
+    // operator types (`qkd-macsec-agent run`).
+    let mut write = |name: String, words: String, c: clap::Command| -> std::io::Result<()> {
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(c.display_name(name.clone()).bin_name(words))
+            .section("8")
+            .render(&mut buf)?;
+        let file = format!("{name}.8");
+        std::fs::write(dir.join(&file), buf)?;
+        written.push(file);
+        Ok(())
+    };
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let n = sub.get_name();
+        write(format!("{root}-{n}"), format!("{root} {n}"), sub.clone())?;
+    }
+    write(root.clone(), root, cmd)?;
+    Ok(written)
+}
