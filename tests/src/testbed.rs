@@ -150,6 +150,7 @@ pub struct GatewayFiles {
     pub log: PathBuf,
     pub status_socket: PathBuf,
     pub bpffs_pin_dir: PathBuf,
+    pub state_dir: PathBuf,
 }
 
 /// Renders one gateway's config TOML. Every value comes from `spec`; the text is checked with
@@ -169,6 +170,7 @@ pub fn render_config(side: Side, spec: &LinkSpec, certs: &Path, files: &GatewayF
     let _ = writeln!(s, "[global]");
     let _ = writeln!(s, "bpffs_pin_dir = {}", q(&files.bpffs_pin_dir));
     let _ = writeln!(s, "status_socket = {}", q(&files.status_socket));
+    let _ = writeln!(s, "state_dir = {}", q(&files.state_dir));
     let _ = writeln!(s, "log_level = \"info\"\n");
     let _ = writeln!(s, "[[link]]");
     let _ = writeln!(s, "name = \"{}-link\"", side.label());
@@ -353,6 +355,7 @@ impl Testbed {
             log: dir.join(format!("{}.log", s.label())),
             status_socket: dir.join(format!("{}.status.sock", s.label())),
             bpffs_pin_dir: bpffs.join(s.label()),
+            state_dir: dir.join(format!("{}.state", s.label())),
         });
         let mut bed = Testbed {
             dir,
