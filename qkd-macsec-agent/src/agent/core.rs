@@ -131,6 +131,11 @@ pub struct LinkCore {
     /// Earliest time a peer that reports no active key may trigger another rollover.
     peer_reset_holdoff: Option<Instant>,
     retire_at: Vec<(Instant, u8, [u8; 6])>,
+    /// When the rollover in progress began (master: the SAK was picked; slave: INSTALL).
+    roll_started: Option<Instant>,
+    /// Keys switched to since start, and how long the last switch took end to end.
+    rollovers: u64,
+    last_rekey: Option<Duration>,
     alarms: u64,
     last_report: Option<Report>,
     commands: VecDeque<Command>,
@@ -165,6 +170,11 @@ pub struct Status {
     pub alarms: u64,
     pub last_report: Option<String>,
     pub rollover_in_progress: bool,
+    /// Keys this gateway switched its TX to since the agent started.
+    pub rollovers: u64,
+    /// Master: from picking the SAK to both ends transmitting with it; slave: from the
+    /// INSTALL to its own switch.
+    pub last_rekey_ms: Option<f64>,
 }
 
 fn mac_str(m: [u8; 6]) -> String {
@@ -250,6 +260,9 @@ impl LinkCore {
             peer_mac: None,
             peer_reset_holdoff: None,
             retire_at: Vec::new(),
+            roll_started: None,
+            rollovers: 0,
+            last_rekey: None,
             alarms: 0,
             last_report: None,
             commands: VecDeque::new(),
@@ -305,6 +318,8 @@ impl LinkCore {
             alarms: self.alarms,
             last_report: self.last_report.as_ref().map(|r| format!("{r:?}")),
             rollover_in_progress: !matches!(self.roll, Roll::Idle),
+            rollovers: self.rollovers,
+            last_rekey_ms: self.last_rekey.map(|d| d.as_secs_f64() * 1e3),
         }
     }
 
@@ -511,6 +526,11 @@ impl LinkCore {
     fn activated(&mut self, key: KeyRef, an: u8, now: Instant) {
         let old = self.active.replace((key, an));
         self.last_an = Some(an);
+        self.rollovers += 1;
+        self.last_rekey = self
+            .roll_started
+            .take()
+            .map(|t| now.saturating_duration_since(t));
         self.wd.handle_activated(key, an, now);
         self.rollover_wanted = false;
         if let Some((old_key, old_an)) = old {
@@ -525,7 +545,8 @@ impl LinkCore {
                 self.keyx.retire(old_key.key_id);
             }
         }
-        tracing::info!(link = %self.label, key_id = %key.key_id, kn = key.kn, an, "transmitting with a fresh key");
+        let rekey_ms = self.last_rekey.map(|d| d.as_secs_f64() * 1e3);
+        tracing::info!(link = %self.label, key_id = %key.key_id, kn = key.kn, an, rekey_ms, "transmitting with a fresh key");
     }
 
     fn rollover_failed(&mut self, detail: String, an: u8, key: Option<KeyRef>) {
@@ -578,6 +599,7 @@ impl LinkCore {
                     sak: dup_sak(&sak),
                 });
                 self.roll = Roll::MasterPreparingRx { sak, an };
+                self.roll_started = Some(now);
             }
             Ok(None) => {}
             Err(e) => {
@@ -685,6 +707,7 @@ impl LinkCore {
                             sak: dup_sak(&sak),
                         });
                         self.roll = Roll::SlavePreparingRx { sak, an, role };
+                        self.roll_started = Some(now);
                     }
                     Err(e) => {
                         tracing::warn!(link = %self.label, %key_id, kn, error = %e, "refusing INSTALL");
