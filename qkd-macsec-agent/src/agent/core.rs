@@ -463,6 +463,11 @@ impl LinkCore {
                 let _ =
                     self.keyx
                         .installed(kr.key_id, role, kr.kn, an, Err(NackReason::InstallFailed));
+                // The RX SA prepared for this attempt goes too: the master will not use the
+                // key, and a stale SA would block the AN for the next attempt.
+                if let Some(peer_mac) = self.peer_mac {
+                    self.commands.push_back(Command::RetireRx { peer_mac, an });
+                }
                 Roll::Idle
             }
             (other, _) => {

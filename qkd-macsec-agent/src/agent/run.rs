@@ -447,27 +447,47 @@ impl LinkIo {
                 }
                 Command::PrepareRx { peer_mac, an, sak } => {
                     self.peer_mac = Some(peer_mac);
+                    let active_an = core.active().map(|(_, a)| a);
+                    let key = sa_key(sak, self.role, false);
                     let r = An::new(an).and_then(|a| {
-                        self.macsec.prepare_rx(
-                            &self.mlink,
-                            sci(peer_mac),
-                            a,
-                            &sa_key(sak, self.role, false),
-                            1,
-                        )
+                        let peer = sci(peer_mac);
+                        match self.macsec.prepare_rx(&self.mlink, peer, a, &key, 1) {
+                            // Left over from a rollover that failed half way (or from before a
+                            // restart). Never the AN we receive on now, so it carries nothing.
+                            Err(macsec::MacsecError::SaOccupied { .. })
+                                if active_an != Some(an) =>
+                            {
+                                tracing::info!(link = %self.label, an, "replacing a stale RX SA");
+                                self.macsec.retire_rx(&self.mlink, peer, a)?;
+                                self.macsec.prepare_rx(&self.mlink, peer, a, &key, 1)
+                            }
+                            r => r,
+                        }
                     });
                     core.handle_rx_prepared(an, r.map(|_| ()).map_err(|e| e.to_string()), now);
                 }
                 Command::ActivateTx { an, sak } => {
                     let kid = macsec::KeyId(sak.kernel_key_id);
                     self.tx_kernel_key_id = Some((an, sak.kernel_key_id));
+                    let active_an = core.active().map(|(_, a)| a);
+                    let key = sa_key(sak, self.role, true);
                     let r = An::new(an).and_then(|a| {
-                        self.macsec.activate_tx(
-                            &mut self.mlink,
-                            a,
-                            &sa_key(sak, self.role, true),
-                            &PeerRxConfirmation::from_peer(a, kid),
-                        )
+                        let confirmed = PeerRxConfirmation::from_peer(a, kid);
+                        match self
+                            .macsec
+                            .activate_tx(&mut self.mlink, a, &key, &confirmed)
+                        {
+                            // A stale TX SA on an AN we do not transmit on: remove, then retry.
+                            Err(macsec::MacsecError::SaOccupied { .. })
+                                if active_an != Some(an) =>
+                            {
+                                tracing::info!(link = %self.label, an, "replacing a stale TX SA");
+                                self.macsec.retire_tx(&self.mlink, a)?;
+                                self.macsec
+                                    .activate_tx(&mut self.mlink, a, &key, &confirmed)
+                            }
+                            r => r,
+                        }
                     });
                     core.handle_tx_activated(an, r.map(|_| ()).map_err(|e| e.to_string()), now);
                 }
