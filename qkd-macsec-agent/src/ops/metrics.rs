@@ -93,7 +93,12 @@ pub fn render(statuses: &[Option<Status>]) -> String {
     }
 
     type Getter = fn(&Status) -> Option<f64>;
-    let gauges: [(&str, &str, Getter); 6] = [
+    let gauges: [(&str, &str, Getter); 7] = [
+        (
+            "qkd_macsec_last_rekey_seconds",
+            "Duration of the last rollover (master: SAK picked to both ends transmitting).",
+            |s| s.last_rekey_ms.map(|ms| ms / 1e3),
+        ),
         (
             "qkd_macsec_akl_remaining_seconds",
             "Seconds until the active key's age limit (akl.max_age); absent while stalled.",
@@ -137,7 +142,7 @@ pub fn render(statuses: &[Option<Status>]) -> String {
     let counters: [(&str, &str, Getter); 3] = [
         (
             "qkd_macsec_rollovers_total",
-            "Key switches (rollovers) since the agent started, after the first key.",
+            "Keys this gateway switched its TX to since the agent started (the first counts).",
             |s| Some(s.rollovers as f64),
         ),
         (
@@ -448,6 +453,7 @@ mod tests {
         assert_eq!(find(&s, "qkd_macsec_akl_remaining_frames", &l), Some(4e9));
         assert_eq!(find(&s, "qkd_macsec_key_buffer_keys", &l), Some(3.0));
         assert_eq!(find(&s, "qkd_macsec_rollovers_total", &l), Some(12.0));
+        assert_eq!(find(&s, "qkd_macsec_last_rekey_seconds", &l), Some(0.2505));
         assert_eq!(
             find(
                 &s,

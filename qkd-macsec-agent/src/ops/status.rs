@@ -186,6 +186,7 @@ pub struct StatusView {
     pub key_buffer_capacity: Option<usize>,
     pub consecutive_fetch_failures: u32,
     pub rollovers: u64,
+    pub last_rekey_ms: Option<f64>,
     pub warnings: u64,
     #[serde(flatten)]
     pub io: IoStats,
@@ -241,6 +242,7 @@ pub(crate) mod tests {
             key_buffer_capacity: Some(4),
             consecutive_fetch_failures: 1,
             rollovers: 12,
+            last_rekey_ms: Some(250.5),
             warnings: 1,
             io,
         }
@@ -273,6 +275,7 @@ pub(crate) mod tests {
         ("key_buffer_capacity", "number|null"),
         ("consecutive_fetch_failures", "number"),
         ("rollovers", "number"),
+        ("last_rekey_ms", "number|null"),
         ("warnings", "number"),
         ("last_fetch", "object|null"),
         ("fetch_outcomes", "object"),
