@@ -13,6 +13,7 @@
 mod bench;
 mod demo;
 mod package;
+mod report;
 mod setup;
 mod test;
 mod util;
@@ -87,11 +88,15 @@ enum Cmd {
         #[arg(long, default_value = "auto")]
         place: String,
     },
-    /// Run the benchmarks of one area (kme, macsec, ebpf, agent) or `all`.
+    /// Run the benchmarks of one area (kme, macsec, ebpf, agent) or all of them (no area), then
+    /// write target/bench/report.md with SVG plots.
     Bench {
-        /// kme, macsec, ebpf, agent or all.
+        /// kme, macsec, ebpf, agent or all (the default).
+        #[arg(default_value = "all")]
         area: String,
     },
+    /// Render target/bench/report.md and its plots from results.json and samples/ alone.
+    BenchReport,
     /// Build the Debian package into target/package/ (binary, systemd unit, sample config, man
     /// pages, docs).
     Package {
@@ -126,6 +131,12 @@ fn main() -> ExitCode {
             place,
         }),
         Cmd::Bench { area } => bench::run(&area).map(|_| 0),
+        Cmd::BenchReport => {
+            report::write_report(&util::repo_root().join("target/bench"), &[]).map(|p| {
+                eprintln!("[bench] report in {}", p.display());
+                0
+            })
+        }
         Cmd::Package { debug } => package::run(!debug).map(|_| 0),
     };
     match result {
