@@ -84,7 +84,9 @@ pub fn run(area: &str) -> Result<()> {
     let mut build = Command::new("cargo");
     build
         .args(["build", "--release", "-p", "qkd-macsec-agent"])
-        .args(["-p", "qkd-macsec-tests", "--bin", "qkd-macsec-bench-agent"])
+        // --bin applies to every -p: name both binaries, or the agent's is not built.
+        .args(["-p", "qkd-macsec-tests", "--bin", "qkd-macsec-agent"])
+        .args(["--bin", "qkd-macsec-bench-agent"])
         .current_dir(util::repo_root());
     util::run(&mut build)?;
     // Every area runs even when an earlier one fails; a failure (or an area with nothing
@@ -186,11 +188,13 @@ fn run_area(a: &str) -> Result<()> {
                     env: crate::vm::passthrough_env(),
                     body: format!(
                         "touch /tmp/bench-start\n\
-                         ( {body} ) | while IFS= read -r l; do case \"$l\" in \
+                         ( {body}; echo $? > /tmp/bench-rc ) | while IFS= read -r l; do case \"$l\" in \
                          'bench-result: '*|'bench-json: '*|'bench-samples: '*) mark \"$l\";; \
                          *) echo \"$l\";; esac; done\n\
                          for f in $(find target/bench/samples -name '*.json' -newer /tmp/bench-start 2>/dev/null); do \
-                         mark \"bench-samples: $(tr -d '\\n' < \"$f\")\"; done\n"
+                         mark \"bench-samples: $(tr -d '\\n' < \"$f\")\"; done\n\
+                         # The pipeline's status is the loop's: the benchmark's own comes from the file.\n\
+                         rc=$(cat /tmp/bench-rc 2>/dev/null || echo 125); exit $rc\n"
                     ),
                     timeout: crate::vm::timeout(None)?,
                 };
