@@ -99,7 +99,7 @@ fn status_metrics_and_alarm_hook_on_a_real_link() {
         std::thread::sleep(Duration::from_millis(500));
     };
     assert_eq!(st["schema_version"], 1, "{st}");
-    assert_eq!(st["link"], "A-link");
+    assert_eq!(st["link"], "gw-a-link");
     assert!(
         ["secured", "rekeying", "warning"].contains(&st["state"].as_str().unwrap()),
         "{st}"
@@ -133,29 +133,29 @@ fn status_metrics_and_alarm_hook_on_a_real_link() {
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&table.stdout);
-    assert!(table.starts_with("A-link  "), "{table}");
+    assert!(table.starts_with("gw-a-link  "), "{table}");
     assert!(table.contains("key buffer  "), "{table}");
     assert!(table.contains("last fetch  enc_keys ok in"), "{table}");
 
     // Metrics over the real endpoint.
     let m = scrape(&bed);
     assert!(m.contains("content-type: text/plain; version=0.0.4"), "{m}");
-    assert!(metric(&m, "qkd_macsec_rollovers_total{link=\"A-link\"}") >= 2.0);
+    assert!(metric(&m, "qkd_macsec_rollovers_total{link=\"gw-a-link\"}") >= 2.0);
     assert!(
         metric(
             &m,
-            "qkd_macsec_key_fetch_total{link=\"A-link\",result=\"ok\"}"
+            "qkd_macsec_key_fetch_total{link=\"gw-a-link\",result=\"ok\"}"
         ) >= 2.0
     );
     assert!(
         metric(
             &m,
-            "qkd_macsec_key_fetch_duration_seconds_count{link=\"A-link\"}"
+            "qkd_macsec_key_fetch_duration_seconds_count{link=\"gw-a-link\"}"
         ) >= 2.0
     );
-    assert!(metric(&m, "qkd_macsec_akl_remaining_seconds{link=\"A-link\"}") > 0.0);
+    assert!(metric(&m, "qkd_macsec_akl_remaining_seconds{link=\"gw-a-link\"}") > 0.0);
     assert!(
-        m.contains("qkd_macsec_sa_frames_total{link=\"A-link\",direction=\"tx\""),
+        m.contains("qkd_macsec_sa_frames_total{link=\"gw-a-link\",direction=\"tx\""),
         "{m}"
     );
 
@@ -179,21 +179,21 @@ fn status_metrics_and_alarm_hook_on_a_real_link() {
     assert_eq!(
         metric(
             &m,
-            "qkd_macsec_link_state{link=\"A-link\",state=\"stalled\"}"
+            "qkd_macsec_link_state{link=\"gw-a-link\",state=\"stalled\"}"
         ),
         1.0
     );
     assert!(
         metric(
             &m,
-            "qkd_macsec_key_fetch_total{link=\"A-link\",result=\"unavailable\"}"
+            "qkd_macsec_key_fetch_total{link=\"gw-a-link\",result=\"unavailable\"}"
         ) >= 1.0
     );
     bed.kme_ctl(&["set", "--fail-503", "false"]);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let hooks = std::fs::read_to_string(&hook_log).unwrap_or_default();
-        if hooks.contains("QKDMACSEC-E001 clear A-link") {
+        if hooks.contains("QKDMACSEC-E001 clear gw-a-link") {
             break;
         }
         bed.check_agents_alive();
@@ -206,10 +206,10 @@ fn status_metrics_and_alarm_hook_on_a_real_link() {
     }
     let hooks = std::fs::read_to_string(&hook_log).unwrap();
     let raise = hooks
-        .find("QKDMACSEC-E001 raise A-link ")
+        .find("QKDMACSEC-E001 raise gw-a-link ")
         .unwrap_or_else(|| panic!("no E001 raise in the hook log:\n{hooks}"));
     assert!(
-        raise < hooks.find("QKDMACSEC-E001 clear A-link").unwrap(),
+        raise < hooks.find("QKDMACSEC-E001 clear gw-a-link").unwrap(),
         "{hooks}"
     );
     // The raise names the exhausted key's key_ID (a UUID), never key bytes.
