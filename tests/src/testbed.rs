@@ -1088,6 +1088,21 @@ impl Stream {
                 };
                 sock.set_read_timeout(Some(Duration::from_millis(100)))
                     .expect("read timeout");
+                // A receiver starved of CPU for a few seconds (the emulated VM verifying a
+                // restarted agent's eBPF programs) must not overflow its socket buffer: the
+                // stream counts what MACsec loses, not what this thread failed to read.
+                let big: libc::c_int = 16 << 20;
+                // SAFETY: a valid socket fd and a c_int option value of the stated size.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        sock.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_RCVBUFFORCE,
+                        (&big as *const libc::c_int).cast(),
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                };
+                assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
                 let _ = ready_tx.send(());
                 let mut buf = [0u8; 128];
                 while !stop.load(Ordering::Relaxed) {

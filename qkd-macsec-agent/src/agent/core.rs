@@ -25,7 +25,7 @@ use crate::config::{Link, ProfileKind, Role};
 use crate::keyx::machine::{Event as KxEvent, Keyx, KeyxConfig, LostReason};
 use crate::keyx::wire::{Active, KeyRole, NackReason};
 use crate::keyx::KeyId;
-use crate::profile::{Forget, KeySupply, Params, ProfileError, Sak, SupplyAction};
+use crate::profile::{KeySupply, Params, ProfileError, Sak, SupplyAction};
 use crate::secret::SecretBytes;
 use crate::watchdog::{Action as WdAction, Alarm, KeyRef, Limits, StallReason, Watchdog};
 
@@ -122,6 +122,8 @@ pub struct LinkCore {
     nonce: NonceSource,
     roll: Roll,
     rollover_wanted: bool,
+    /// Roll over as soon as the next fetched key is confirmed (the peer lost its keys).
+    rollover_on_confirm: bool,
     /// The key and AN we transmit with.
     active: Option<(KeyRef, u8)>,
     /// The AN of the last SA we transmitted with (the next rollover uses the one after it, so
@@ -275,6 +277,7 @@ impl LinkCore {
             nonce,
             roll: Roll::Idle,
             rollover_wanted: false,
+            rollover_on_confirm: false,
             active: None,
             last_an: None,
             peer_mac: None,
@@ -683,6 +686,8 @@ impl LinkCore {
             } => {
                 if let Err(e) = self.supply.handle_confirmed(key_id, role, kn, key, now) {
                     tracing::error!(link = %self.label, %key_id, error = %e, "confirmed key not usable");
+                } else if std::mem::take(&mut self.rollover_on_confirm) && self.active.is_some() {
+                    self.rollover_wanted = true;
                 }
             }
             KxEvent::KeyLost { key_id, reason } => {
@@ -724,7 +729,7 @@ impl LinkCore {
                             LostReason::Timeout | LostReason::Refused(NackReason::UnknownKey)
                         );
                         if self.kind == ProfileKind::Cak && peer_lacks_key {
-                            self.supply.forget(Forget::Key(key_id), now);
+                            self.supply.forget(key_id, now);
                         }
                         self.rollover_failed(
                             format!("peer did not install {key_id} KN {kn} at AN {an}: {reason:?}"),
@@ -790,15 +795,16 @@ impl LinkCore {
                     self.peer_reset_holdoff = Some(now + PEER_RESET_HOLDOFF);
                 }
                 // A slave that holds no key while we hold some restarted: it adopted the running
-                // SA but none of our keys reach it any more (its store died with it). Drop them
-                // and re-key with fresh ones rather than let INSTALLs time out one by one. The
-                // slave always holds at least what we hold otherwise (it fetches before it ACKs,
-                // and LLDP keeps the order), and the same hold-off bounds a forged HELLO.
+                // SA, but our held keys died with its memory. Fetch a fresh key now and roll
+                // over to it as soon as the slave confirms it. Nothing held is dropped, so a
+                // forged HELLO costs one QKD key and an early rollover per hold-off, never a
+                // stall. The slave always holds at least what we hold otherwise (it fetches
+                // before it ACKs, and LLDP keeps the order).
                 let due = self.peer_reset_holdoff.is_none_or(|t| now >= t);
                 if self.role == Role::Master && held == 0 && self.supply.held() > 0 && due {
-                    let n = self.supply.forget(Forget::All, now);
-                    tracing::info!(link = %self.label, dropped = n, "peer holds no keys (restarted); re-keying with fresh ones");
-                    self.rollover_wanted |= self.active.is_some();
+                    tracing::info!(link = %self.label, "peer holds no keys (restarted?); re-keying with a fresh one");
+                    self.supply.peer_lost_keys(now);
+                    self.rollover_on_confirm = true;
                     self.peer_reset_holdoff = Some(now + PEER_RESET_HOLDOFF);
                 }
             }
