@@ -8,9 +8,11 @@
 //! - `build-ebpf`: builds the eBPF object alone.
 //! - `demo`: two QKD-keyed MACsec gateways with traffic and a live view (in the VM if needed).
 //! - `bench <area>`: benchmarks, merged into target/bench/results.json.
+//! - `fuzz`: the cargo-fuzz targets in fuzz/, each for a time or a number of runs.
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 mod util;
@@ -85,6 +87,19 @@ enum Cmd {
         #[arg(long, default_value = "auto")]
         place: String,
     },
+    /// Run the fuzz targets in fuzz/ one after the other (one job each); figures go to
+    /// target/fuzz/summary.json. Fails if any target finds a crash.
+    Fuzz {
+        /// Only this target (lldp, keyx_wire, sectag, etsi014, config, sectag_xdp); may repeat.
+        #[arg(long = "target", value_name = "T")]
+        targets: Vec<String>,
+        /// Seconds per target (default 20 when --runs is not given).
+        #[arg(long, conflicts_with = "runs")]
+        seconds: Option<u64>,
+        /// Executions per target.
+        #[arg(long)]
+        runs: Option<u64>,
+    },
     /// Run the benchmarks of one area (kme, macsec, ebpf, agent) or `all`.
     Bench {
         /// kme, macsec, ebpf, agent or all.
@@ -117,6 +132,17 @@ fn main() -> ExitCode {
             place,
         }),
         Cmd::Bench { area } => bench::run(&area).map(|_| 0),
+        Cmd::Fuzz {
+            targets,
+            seconds,
+            runs,
+        } => {
+            let budget = match (seconds, runs) {
+                (_, Some(n)) => fuzz::Budget::Runs(n),
+                (s, None) => fuzz::Budget::Seconds(s.unwrap_or(20)),
+            };
+            fuzz::run(&targets, budget).map(|_| 0)
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code),
