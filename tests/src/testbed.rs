@@ -150,6 +150,7 @@ pub struct GatewayFiles {
     pub log: PathBuf,
     pub status_socket: PathBuf,
     pub bpffs_pin_dir: PathBuf,
+    pub state_dir: PathBuf,
 }
 
 /// Renders one gateway's config TOML. Every value comes from `spec`; the text is checked with
@@ -169,6 +170,7 @@ pub fn render_config(side: Side, spec: &LinkSpec, certs: &Path, files: &GatewayF
     let _ = writeln!(s, "[global]");
     let _ = writeln!(s, "bpffs_pin_dir = {}", q(&files.bpffs_pin_dir));
     let _ = writeln!(s, "status_socket = {}", q(&files.status_socket));
+    let _ = writeln!(s, "state_dir = {}", q(&files.state_dir));
     let _ = writeln!(s, "log_level = \"info\"\n");
     let _ = writeln!(s, "[[link]]");
     let _ = writeln!(s, "name = \"{}-link\"", side.label());
@@ -221,6 +223,10 @@ pub struct TestbedOptions {
     pub kme_args: Vec<String>,
     /// `QKD_MACSEC_LOG` for the agents.
     pub agent_log: String,
+    /// Links between the gateways (each agent serves all of them). Link 0 is `wan0`/`macsec0`,
+    /// observed by the monitor and capture; link i > 0 is `wan<i>`/`macsec<i>` over its own
+    /// veth pair (Wire::Direct only), addressed 10.200.<i>.1 and .2.
+    pub links: usize,
 }
 
 impl Default for TestbedOptions {
@@ -229,8 +235,28 @@ impl Default for TestbedOptions {
             wire: Wire::Direct,
             kme_args: Vec::new(),
             agent_log: "info".into(),
+            links: 1,
         }
     }
+}
+
+/// Appends the `[[link]]` tables of links 1..n (link 0 is [`render_config`]'s own): the same
+/// spec on `wan<i>`/`macsec<i>`.
+pub fn render_extra_links(text: &str, links: usize) -> String {
+    let start = text
+        .find("[[link]]")
+        .expect("a rendered config has a [[link]]");
+    let block = &text[start..];
+    let mut out = text.to_owned();
+    for i in 1..links {
+        let b = block
+            .replacen("-link\"", &format!("-link{i}\""), 1)
+            .replacen(&format!("\"{LOWER_IF}\""), &format!("\"wan{i}\""), 1)
+            .replacen(&format!("\"{MACSEC_IF}\""), &format!("\"macsec{i}\""), 1);
+        out.push('\n');
+        out.push_str(&b);
+    }
+    out
 }
 
 static BED_COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -255,6 +281,8 @@ pub struct Testbed {
     agents: [Option<AgentProc>; 2],
     kme: Option<Child>,
     keep_dir: bool,
+    /// Links between the gateways ([`TestbedOptions::links`]).
+    pub links: usize,
 }
 
 impl Testbed {
@@ -353,6 +381,7 @@ impl Testbed {
             log: dir.join(format!("{}.log", s.label())),
             status_socket: dir.join(format!("{}.status.sock", s.label())),
             bpffs_pin_dir: bpffs.join(s.label()),
+            state_dir: dir.join(format!("{}.state", s.label())),
         });
         let mut bed = Testbed {
             dir,
@@ -365,9 +394,34 @@ impl Testbed {
             agents: [None, None],
             kme: None,
             keep_dir: std::env::var_os("QKD_KEEP_TESTBED").is_some(),
+            links: opts.links.max(1),
         };
+        assert!(
+            bed.links == 1 || matches!(opts.wire, Wire::Direct),
+            "several links need Wire::Direct"
+        );
+        for i in 1..bed.links {
+            let name = format!("wan{i}");
+            crate::veth_pair(&bed.gw[0], &name, &bed.gw[1], &name);
+        }
         bed.start_kme(&opts.kme_args);
         bed
+    }
+
+    /// Process id of the side's running agent.
+    pub fn agent_pid(&self, side: Side) -> Option<u32> {
+        self.agents[side.idx()].as_ref().map(|a| a.child.id())
+    }
+
+    /// The agent's status socket answer: one JSON object per link (null before it started).
+    pub fn agent_status(&self, side: Side) -> Option<serde_json::Value> {
+        use std::io::Read as _;
+        let mut c =
+            std::os::unix::net::UnixStream::connect(&self.files[side.idx()].status_socket).ok()?;
+        c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut body = String::new();
+        c.read_to_string(&mut body).ok()?;
+        serde_json::from_str(&body).ok()
     }
 
     pub fn ns(&self, side: Side) -> &Arc<NetNs> {
@@ -426,7 +480,7 @@ impl Testbed {
     pub fn write_configs(&self, spec: &LinkSpec) {
         for side in Side::BOTH {
             let f = &self.files[side.idx()];
-            let text = render_config(side, spec, &self.certs, f);
+            let text = render_extra_links(&render_config(side, spec, &self.certs, f), self.links);
             if let Err(e) = Config::parse(&text, &f.config.display().to_string()) {
                 panic!(
                     "the testbed generated an invalid config for {}: {e}\n{text}",

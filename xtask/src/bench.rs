@@ -56,7 +56,17 @@ fn area_jobs(area: &str) -> Vec<Where> {
             "{} bench-macsec",
             util::sh_quote(&agent)
         ))],
-        "agent" => vec![Where::Host(vec![agent, "bench-agent".into()])],
+        "agent" => vec![
+            // Per-message cost of the key exchange against AES-CMAC (host).
+            Where::Host(vec![agent, "bench-agent".into()]),
+            // Two real agents with 16 links each in the MACsec VM: start-to-secure, rekey
+            // latency, rollovers, lost frames, RSS and CPU.
+            Where::Vm(util::sh_quote(
+                &util::repo_root()
+                    .join("target/release/qkd-macsec-bench-agent")
+                    .to_string_lossy(),
+            )),
+        ],
         _ => Vec::new(),
     }
 }
@@ -79,6 +89,7 @@ pub fn run(area: &str) -> Result<()> {
     let mut build = Command::new("cargo");
     build
         .args(["build", "--release", "-p", "qkd-macsec-agent"])
+        .args(["-p", "qkd-macsec-tests", "--bin", "qkd-macsec-bench-agent"])
         .current_dir(util::repo_root());
     util::run(&mut build)?;
     for a in areas {

@@ -51,6 +51,8 @@ pub const VM_MODULES: &[&str] = &[
     "sch_ingress",
     "cls_bpf",
     "act_bpf",
+    // The bridged test wire (testbed Wire::Bridged: a third namespace injects forged LLDP).
+    "bridge",
 ];
 
 /// The VM's /init; see [`build_initramfs`] for what it is given.

@@ -20,11 +20,12 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use super::record::Adoption;
 use crate::config::{Link, ProfileKind, Role};
-use crate::keyx::machine::{Event as KxEvent, Keyx, KeyxConfig};
+use crate::keyx::machine::{Event as KxEvent, Keyx, KeyxConfig, LostReason};
 use crate::keyx::wire::{Active, KeyRole, NackReason};
 use crate::keyx::KeyId;
-use crate::profile::{KeySupply, Params, ProfileError, Sak, SupplyAction};
+use crate::profile::{Forget, KeySupply, Params, ProfileError, Sak, SupplyAction};
 use crate::secret::SecretBytes;
 use crate::watchdog::{Action as WdAction, Alarm, KeyRef, Limits, StallReason, Watchdog};
 
@@ -130,6 +131,11 @@ pub struct LinkCore {
     /// Earliest time a peer that reports no active key may trigger another rollover.
     peer_reset_holdoff: Option<Instant>,
     retire_at: Vec<(Instant, u8, [u8; 6])>,
+    /// When the rollover in progress began (master: the SAK was picked; slave: INSTALL).
+    roll_started: Option<Instant>,
+    /// Keys switched to since start, and how long the last switch took end to end.
+    rollovers: u64,
+    last_rekey: Option<Duration>,
     alarms: u64,
     last_report: Option<Report>,
     commands: VecDeque<Command>,
@@ -164,6 +170,11 @@ pub struct Status {
     pub alarms: u64,
     pub last_report: Option<String>,
     pub rollover_in_progress: bool,
+    /// Keys this gateway switched its TX to since the agent started.
+    pub rollovers: u64,
+    /// Master: from picking the SAK to both ends transmitting with it; slave: from the
+    /// INSTALL to its own switch.
+    pub last_rekey_ms: Option<f64>,
 }
 
 fn mac_str(m: [u8; 6]) -> String {
@@ -185,13 +196,55 @@ impl LinkCore {
     /// `initial_seq`: see [`KeyxConfig::initial_seq`]. `nonce` fills KS-nonces (CAK profile)
     /// from a cryptographic random source.
     pub fn new(link: &Link, initial_seq: u64, nonce: NonceSource, now: Instant) -> Self {
+        let mut core = Self::build(link, initial_seq, nonce, now);
+        core.pump(now);
+        core
+    }
+
+    /// A core for a restarted agent that found `adoption` (its own record, checked against the
+    /// kernel) transmitting: the link stays up with the kernel's SAs, the watchdog enforces the
+    /// key's lifetime from when it really became active, and the master re-keys at once,
+    /// because the key bytes died with the previous agent (no SAK can be derived from a CAK we
+    /// no longer hold, and no rollover can reuse the adopted key).
+    pub fn new_adopted(
+        link: &Link,
+        initial_seq: u64,
+        nonce: NonceSource,
+        adoption: Adoption,
+        now: Instant,
+    ) -> Self {
+        let mut core = Self::build(link, initial_seq, nonce, now);
+        match now.checked_sub(adoption.age) {
+            Some(since) => {
+                let Adoption {
+                    key, an, peer_mac, ..
+                } = adoption;
+                core.wd.adopt(key, an, since, adoption.tx_pn, now);
+                if core.wd.active_key() == Some((key, an)) {
+                    core.active = Some((key, an));
+                    core.last_an = Some(an);
+                    core.peer_mac = Some(peer_mac);
+                    core.rollover_wanted = core.role == Role::Master;
+                    tracing::info!(link = %core.label, key_id = %key.key_id, kn = key.kn, an,
+                        age_s = adoption.age.as_secs_f64(), "adopted the kernel's running key; re-keying");
+                }
+            }
+            None => {
+                tracing::error!(link = %core.label, "adopted key older than this clock can express; stalling")
+            }
+        }
+        core.pump(now);
+        core
+    }
+
+    fn build(link: &Link, initial_seq: u64, nonce: NonceSource, now: Instant) -> Self {
         let params = Params::from_link(link);
         let tolerated = match link.profile {
             ProfileKind::Cak => link.cak.tolerated_failures,
             // A full buffer rides out k failed requests.
             ProfileKind::Sak => link.sak.buffer,
         };
-        let mut core = Self {
+        Self {
             label: link.label().to_owned(),
             role: link.role(),
             kind: link.profile,
@@ -207,12 +260,13 @@ impl LinkCore {
             peer_mac: None,
             peer_reset_holdoff: None,
             retire_at: Vec::new(),
+            roll_started: None,
+            rollovers: 0,
+            last_rekey: None,
             alarms: 0,
             last_report: None,
             commands: VecDeque::new(),
-        };
-        core.pump(now);
-        core
+        }
     }
 
     pub fn role(&self) -> Role {
@@ -226,6 +280,16 @@ impl LinkCore {
     /// The key and AN this gateway transmits with.
     pub fn active(&self) -> Option<(KeyRef, u8)> {
         self.active
+    }
+
+    /// When the key this gateway transmits with became active (the watchdog's clock).
+    pub fn active_since(&self) -> Option<Instant> {
+        self.active.and(self.wd.active_since())
+    }
+
+    /// The peer's MAC address (its SCI), once an authenticated message located it.
+    pub fn peer_mac(&self) -> Option<[u8; 6]> {
+        self.peer_mac
     }
 
     pub fn status(&self, now: Instant) -> Status {
@@ -254,6 +318,8 @@ impl LinkCore {
             alarms: self.alarms,
             last_report: self.last_report.as_ref().map(|r| format!("{r:?}")),
             rollover_in_progress: !matches!(self.roll, Roll::Idle),
+            rollovers: self.rollovers,
+            last_rekey_ms: self.last_rekey.map(|d| d.as_secs_f64() * 1e3),
         }
     }
 
@@ -460,6 +526,11 @@ impl LinkCore {
     fn activated(&mut self, key: KeyRef, an: u8, now: Instant) {
         let old = self.active.replace((key, an));
         self.last_an = Some(an);
+        self.rollovers += 1;
+        self.last_rekey = self
+            .roll_started
+            .take()
+            .map(|t| now.saturating_duration_since(t));
         self.wd.handle_activated(key, an, now);
         self.rollover_wanted = false;
         if let Some((old_key, old_an)) = old {
@@ -474,7 +545,8 @@ impl LinkCore {
                 self.keyx.retire(old_key.key_id);
             }
         }
-        tracing::info!(link = %self.label, key_id = %key.key_id, kn = key.kn, an, "transmitting with a fresh key");
+        let rekey_ms = self.last_rekey.map(|d| d.as_secs_f64() * 1e3);
+        tracing::info!(link = %self.label, key_id = %key.key_id, kn = key.kn, an, rekey_ms, "transmitting with a fresh key");
     }
 
     fn rollover_failed(&mut self, detail: String, an: u8, key: Option<KeyRef>) {
@@ -527,6 +599,7 @@ impl LinkCore {
                     sak: dup_sak(&sak),
                 });
                 self.roll = Roll::MasterPreparingRx { sak, an };
+                self.roll_started = Some(now);
             }
             Ok(None) => {}
             Err(e) => {
@@ -584,6 +657,16 @@ impl LinkCore {
                     Roll::MasterInstalling { sak, an: a }
                         if a == an && sak.key_ref == (KeyRef { key_id, kn }) =>
                     {
+                        // The slave does not hold the CAK (it restarted, or it lost it): every
+                        // further SAK from it would fail the same way. A new CAK costs one QKD
+                        // key; a peer that merely missed the INSTALL costs the same, no more.
+                        let peer_lacks_key = matches!(
+                            reason,
+                            LostReason::Timeout | LostReason::Refused(NackReason::UnknownKey)
+                        );
+                        if self.kind == ProfileKind::Cak && peer_lacks_key {
+                            self.supply.forget(Forget::Key(key_id), now);
+                        }
                         self.rollover_failed(
                             format!("peer did not install {key_id} KN {kn} at AN {an}: {reason:?}"),
                             an,
@@ -624,6 +707,7 @@ impl LinkCore {
                             sak: dup_sak(&sak),
                         });
                         self.roll = Roll::SlavePreparingRx { sak, an, role };
+                        self.roll_started = Some(now);
                     }
                     Err(e) => {
                         tracing::warn!(link = %self.label, %key_id, kn, error = %e, "refusing INSTALL");
@@ -644,6 +728,18 @@ impl LinkCore {
                 if self.role == Role::Master && active.is_none() && self.active.is_some() && due {
                     tracing::info!(link = %self.label, "peer reports no active key; rolling over");
                     self.rollover_wanted = true;
+                    self.peer_reset_holdoff = Some(now + PEER_RESET_HOLDOFF);
+                }
+                // A slave that holds no key while we hold some restarted: it adopted the running
+                // SA but none of our keys reach it any more (its store died with it). Drop them
+                // and re-key with fresh ones rather than let INSTALLs time out one by one. The
+                // slave always holds at least what we hold otherwise (it fetches before it ACKs,
+                // and LLDP keeps the order), and the same hold-off bounds a forged HELLO.
+                let due = self.peer_reset_holdoff.is_none_or(|t| now >= t);
+                if self.role == Role::Master && held == 0 && self.supply.held() > 0 && due {
+                    let n = self.supply.forget(Forget::All, now);
+                    tracing::info!(link = %self.label, dropped = n, "peer holds no keys (restarted); re-keying with fresh ones");
+                    self.rollover_wanted |= self.active.is_some();
                     self.peer_reset_holdoff = Some(now + PEER_RESET_HOLDOFF);
                 }
             }

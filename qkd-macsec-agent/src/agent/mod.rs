@@ -3,4 +3,5 @@
 
 pub mod bench;
 pub mod core;
+pub mod record;
 pub mod run;

@@ -14,6 +14,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 
 use super::core::{Command, FetchedKey, LinkCore, NonceSource, Report, Status};
+use super::record::{self, Adoption, KeyRecord};
 use crate::certs::tls::TlsFiles;
 use crate::config::{Config, Link, Role};
 use crate::dataplane::{Dataplane, DataplaneEvent, DataplaneOptions, Direction};
@@ -207,6 +208,11 @@ struct LinkIo {
     kme_tx: mpsc::Sender<KmeResult>,
     xpn: bool,
     peer_mac: Option<[u8; 6]>,
+    /// AN and kernel key identifier of the TX SA we last switched to (for the record).
+    tx_kernel_key_id: Option<(u8, [u8; 16])>,
+    state_dir: PathBuf,
+    /// What the record on disk says (key, AN, since), to write it only when it changes.
+    recorded: Option<(crate::watchdog::KeyRef, u8, Instant)>,
 }
 
 async fn run_link(
@@ -222,6 +228,11 @@ async fn run_link(
     let adopted = macsec
         .ensure_link(&lcfg)
         .with_context(|| format!("creating or adopting MACsec link {}", link.macsec_interface))?;
+    let adoption = adoption(&link, &global, &adopted.state);
+    let adopted_kid = adoption.and_then(|a| {
+        let st = &adopted.state;
+        st.tx_sa(st.encoding_sa).map(|t| (a.an, t.key_id.0))
+    });
     let mlink = adopted.link;
     macsec
         .set_up(&mlink)
@@ -252,7 +263,10 @@ async fn run_link(
     let initial_seq = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(1, |d| d.as_micros() as u64);
-    let mut core = LinkCore::new(&link, initial_seq, nonce_source(), Instant::now());
+    let mut core = match adoption {
+        Some(a) => LinkCore::new_adopted(&link, initial_seq, nonce_source(), a, Instant::now()),
+        None => LinkCore::new(&link, initial_seq, nonce_source(), Instant::now()),
+    };
     let mut io = LinkIo {
         label: label.clone(),
         role: link.role(),
@@ -266,12 +280,16 @@ async fn run_link(
         kme,
         kme_tx,
         xpn: link.cipher.is_xpn(),
-        peer_mac: None,
+        peer_mac: adoption.map(|a| a.peer_mac),
+        tx_kernel_key_id: adopted_kid,
+        state_dir: global.state_dir.clone(),
+        recorded: None,
     };
     tracing::info!(link = %label, role = ?io.role, lower = %link.lower_interface, macsec = %link.macsec_interface, "link started");
     let mut poll = tokio::time::interval(POLL_INTERVAL);
     loop {
         io.execute(&mut core);
+        io.record(&core);
         if let Ok(mut s) = statuses.lock() {
             s[index] = Some(core.status(Instant::now()));
         }
@@ -312,7 +330,69 @@ async fn run_link(
     Ok(())
 }
 
+/// What the previous agent left running, if its record vouches for it (see [`record`]).
+fn adoption(
+    link: &Link,
+    global: &crate::config::Global,
+    st: &macsec::SecyState,
+) -> Option<Adoption> {
+    let label = link.label();
+    let rec = match KeyRecord::load(&global.state_dir, label) {
+        Ok(Some(r)) => r,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!(link = %label, error = %e, "ignoring the key record");
+            return None;
+        }
+    };
+    let tx = st.tx_sa(st.encoding_sa);
+    let peer_rx_active = st
+        .rx_sc(sci(rec.peer_mac))
+        .and_then(|sc| sc.sa(st.encoding_sa))
+        .is_some_and(|sa| sa.active);
+    match rec.adoption(
+        st.encoding_sa.get(),
+        tx.is_some_and(|t| t.active),
+        tx.map(|t| t.key_id.0).unwrap_or_default(),
+        tx.map_or(0, |t| t.next_pn),
+        peer_rx_active,
+        record::boottime(),
+    ) {
+        Ok(a) => Some(a),
+        Err(why) => {
+            // Confidentiality first: a key whose age nobody can vouch for is not used.
+            tracing::warn!(link = %label, %why, "not adopting the kernel's running key; the link stalls until re-keyed");
+            None
+        }
+    }
+}
+
 impl LinkIo {
+    /// Keeps the record of the active key in step with the core: written when a key becomes
+    /// active, removed when none is (stalled), so a restart adopts exactly what is running.
+    fn record(&mut self, core: &LinkCore) {
+        let now_active = core.active().zip(core.active_since());
+        let current = now_active.map(|((k, an), since)| (k, an, since));
+        if current == self.recorded {
+            return;
+        }
+        let r = match (current, core.peer_mac(), self.tx_kernel_key_id) {
+            (Some((key, an, since)), Some(peer), Some((kan, kid))) if kan == an => {
+                let age = Instant::now().saturating_duration_since(since);
+                let since_boot = record::boottime().saturating_sub(age);
+                KeyRecord::new(&self.label, key, an, kid, peer, since_boot).save(&self.state_dir)
+            }
+            // Stalled, or a key we cannot describe fully: nothing a restart may adopt.
+            _ => KeyRecord::remove(&self.state_dir, &self.label),
+        };
+        match r {
+            Ok(()) => self.recorded = current,
+            Err(e) => {
+                tracing::warn!(link = %self.label, error = %e, "cannot update the key record; a restart will stall the link until re-keyed")
+            }
+        }
+    }
+
     fn execute(&mut self, core: &mut LinkCore) {
         while let Some(c) = core.poll_command() {
             let now = Instant::now();
@@ -380,6 +460,7 @@ impl LinkIo {
                 }
                 Command::ActivateTx { an, sak } => {
                     let kid = macsec::KeyId(sak.kernel_key_id);
+                    self.tx_kernel_key_id = Some((an, sak.kernel_key_id));
                     let r = An::new(an).and_then(|a| {
                         self.macsec.activate_tx(
                             &mut self.mlink,
@@ -391,8 +472,15 @@ impl LinkIo {
                     core.handle_tx_activated(an, r.map(|_| ()).map_err(|e| e.to_string()), now);
                 }
                 Command::RetireTx { an } => {
-                    if let Err(e) = An::new(an).and_then(|a| self.macsec.retire_tx(&self.mlink, a))
-                    {
+                    let r = An::new(an).and_then(|a| {
+                        if core.is_stalled() {
+                            // The exhausted key's SA goes even if it is the encoding SA.
+                            self.macsec.remove_stalled_tx(&self.mlink, a)
+                        } else {
+                            self.macsec.retire_tx(&self.mlink, a)
+                        }
+                    });
+                    if let Err(e) = r {
                         tracing::warn!(link = %self.label, an, error = %e, "retiring TX SA failed");
                     }
                 }

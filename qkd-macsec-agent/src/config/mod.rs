@@ -76,6 +76,11 @@ pub struct Global {
     pub bpffs_pin_dir: PathBuf,
     /// Unix socket serving the status (JSON). Default `/run/qkd-macsec-agent/status.sock`.
     pub status_socket: PathBuf,
+    /// Where the agent records, per link, which key is active and since when (key_ID, AN, age;
+    /// never key bytes), so that a restarted agent can adopt the kernel's SAs and keep
+    /// enforcing their lifetime. Belongs on a tmpfs: the record must not outlive a reboot, which
+    /// also clears the kernel's SAs. Default `/run/qkd-macsec-agent/state`.
+    pub state_dir: PathBuf,
     /// Address of the Prometheus-style metrics endpoint; absent = disabled (the default).
     pub metrics_address: Option<SocketAddr>,
     /// `error`, `warn`, `info` (default), `debug` or `trace`. `QKD_MACSEC_LOG` overrides it.
@@ -87,6 +92,7 @@ impl Default for Global {
         Self {
             bpffs_pin_dir: PathBuf::from("/sys/fs/bpf/qkd-macsec"),
             status_socket: PathBuf::from("/run/qkd-macsec-agent/status.sock"),
+            state_dir: PathBuf::from("/run/qkd-macsec-agent/state"),
             metrics_address: None,
             log_level: "info".into(),
         }
@@ -427,6 +433,7 @@ impl Config {
         for (name, p) in [
             ("global.bpffs_pin_dir", &g.bpffs_pin_dir),
             ("global.status_socket", &g.status_socket),
+            ("global.state_dir", &g.state_dir),
         ] {
             if !p.is_absolute() {
                 return Err((

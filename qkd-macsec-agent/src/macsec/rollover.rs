@@ -132,6 +132,18 @@ impl Macsec {
         self.del_tx_sa(link, old_an)
     }
 
+    /// A stalled link's exhausted TX SA: deactivate, then delete it even though it is still the
+    /// encoding SA. The kernel then has no SA to transmit with and drops every frame (it never
+    /// sends plaintext on a SecY with `protect on`), and the used-up key leaves kernel memory.
+    /// An SA that is already gone is success.
+    pub fn remove_stalled_tx(&mut self, link: &MacsecLink, an: An) -> Result<(), MacsecError> {
+        match self.set_tx_sa_active(link, an, false) {
+            Ok(()) | Err(MacsecError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        self.del_tx_sa(link, an)
+    }
+
     /// Step 3 (receiver): deactivate, then delete the peer's old RX SA. Already gone is success.
     pub fn retire_rx(
         &mut self,

@@ -308,6 +308,13 @@ pub enum SupplyAction {
     CakExpired { key_id: KeyId },
 }
 
+/// What [`KeySupply::forget`] drops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forget {
+    Key(KeyId),
+    All,
+}
+
 /// A key both ends hold (SAK profile buffer entry).
 struct Held {
     key_id: KeyId,
@@ -582,6 +589,31 @@ impl KeySupply {
                 cak.derive(kn, nonce, cipher)
             }
         }
+    }
+
+    /// Master: the peer does not hold these keys (it restarted and lost them, or refused an
+    /// INSTALL for an unknown key). They are dropped (zeroized) and never offered again; with
+    /// nothing left, a replacement is fetched at once. Returns how many were dropped.
+    pub fn forget(&mut self, which: Forget, now: Instant) -> usize {
+        let before = self.held();
+        match which {
+            Forget::Key(key_id) => {
+                self.buffer.retain(|h| h.key_id != key_id);
+                self.caks.retain(|c| c.key_id != key_id);
+            }
+            Forget::All => {
+                self.buffer.clear();
+                self.caks.clear();
+            }
+        }
+        let dropped = before - self.held();
+        if dropped > 0 && self.urgent() && self.outstanding == 0 {
+            // The peer needs a key now: the failure backoff is about the KME, not the peer.
+            self.consecutive_failures = 0;
+            self.next_fetch = Some(now);
+        }
+        self.evaluate(now);
+        dropped
     }
 
     /// Whether a key_ID is held (to answer duplicate ANNOUNCEs without a KME request).

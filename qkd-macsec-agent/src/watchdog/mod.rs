@@ -189,6 +189,14 @@ impl Watchdog {
         }
     }
 
+    /// When the active key became active (for the restart record).
+    pub fn active_since(&self) -> Option<Instant> {
+        match &self.state {
+            State::Active(a) => Some(a.since),
+            State::Stalled(_) => None,
+        }
+    }
+
     pub fn is_retired(&self, key: &KeyRef) -> bool {
         self.retired.contains(key)
     }
@@ -251,18 +259,47 @@ impl Watchdog {
             warned: false,
         };
         self.state = State::Active(a);
-        self.actions
-            .push_back(Action::SetPnThresholds(PnThresholds {
-                an,
-                rollover: self.limits.pn_at(self.limits.rollover_at),
-                warn: self.limits.pn_at(self.limits.warn_at),
-                exhausted: self.limits.max_pn,
-            }));
+        self.actions.push_back(self.thresholds(an));
         if was_stalled {
             tracing::info!(key_id = %key.key_id, kn = key.kn, an, "fresh key installed on both ends; lifting stall");
             self.actions.push_back(Action::StallOff { key });
         }
         self.evaluate(now);
+    }
+
+    /// A restarted agent found `key` transmitting at `an` in the kernel, active since `since`
+    /// with our TX SA at packet number `pn` (checked against the agent's own record, see
+    /// `agent::record`). Only a watchdog that has never had a key may adopt: it leaves the
+    /// stall it started with (traffic never stopped), and the key's lifetime counts from
+    /// `since`, so an adopted key is rolled, warned about and stalled exactly when it would
+    /// have been without the restart.
+    pub fn adopt(&mut self, key: KeyRef, an: u8, since: Instant, pn: u64, now: Instant) {
+        if !matches!(self.state, State::Stalled(StallReason::NoKey)) || self.retired.contains(&key)
+        {
+            tracing::error!(key_id = %key.key_id, kn = key.kn, an, "refusing to adopt a key into a watchdog that already had one");
+            return;
+        }
+        // The StallOn the new watchdog queued has not reached the data plane yet.
+        self.actions.retain(|a| !matches!(a, Action::StallOn));
+        self.state = State::Active(ActiveKey {
+            key,
+            an,
+            since,
+            pn,
+            rollover_requested: false,
+            warned: false,
+        });
+        self.actions.push_back(self.thresholds(an));
+        self.evaluate(now);
+    }
+
+    fn thresholds(&self, an: u8) -> Action {
+        Action::SetPnThresholds(PnThresholds {
+            an,
+            rollover: self.limits.pn_at(self.limits.rollover_at),
+            warn: self.limits.pn_at(self.limits.warn_at),
+            exhausted: self.limits.max_pn,
+        })
     }
 
     /// The transmit SA at `an` has reached packet number `pn`.

@@ -476,7 +476,8 @@ fn restart_of_the_slave_rebootstraps() {
     let (_, lb) = links("sak", "gcm-aes-256", "");
     w.b = LinkCore::new(&lb, 9_000, counter_nonce(), w.now);
     w.settle();
-    // The new slave knows no key, so it stalls its side (it cannot vouch for the running SA).
+    // Without a record (see restart_with_a_record_*) the new slave cannot vouch for the running
+    // SA's age, so it stalls its side.
     assert!(w.kb.stall);
     // Its HELLO tells the master, which rolls over at once; the master's buffered keys are
     // unknown to the new slave and time out; a freshly delivered key then keys the link.
@@ -493,4 +494,122 @@ fn restart_of_the_slave_rebootstraps() {
     let took = w.now - restarted;
     assert!(took <= Duration::from_secs(60), "recovery took {took:?}");
     assert_never_reused(&w.ka);
+}
+
+/// What a restarted agent's record (checked against the kernel) would tell it about `core`.
+fn adoption_of(core: &LinkCore, k: &Kernel, now: Instant) -> Adoption {
+    let (key, an) = core.active().expect("an active key to adopt");
+    Adoption {
+        key,
+        an,
+        peer_mac: core.peer_mac().expect("peer located"),
+        age: now - core.active_since().unwrap(),
+        tx_pn: k.pn,
+    }
+}
+
+/// Restarts one side from its record; the link must never stall, the restarted side must
+/// re-key with fresh keys (the old ones died with it), and never reuse a key.
+fn restart_with_record(profile: &str, who: char) {
+    let mut w = World::new(profile, "gcm-aes-256");
+    w.rate = 100;
+    w.run_for(Duration::from_secs(200));
+    assert!(w.in_sync());
+    let (la, lb) = links(profile, "gcm-aes-256", "");
+    let before = w.ka.tx_history.len();
+    if who == 'a' {
+        let adopt = adoption_of(&w.a, &w.ka, w.now);
+        w.a = LinkCore::new_adopted(&la, 9_000, counter_nonce(), adopt, w.now);
+    } else {
+        let adopt = adoption_of(&w.b, &w.kb, w.now);
+        w.b = LinkCore::new_adopted(&lb, 9_000, counter_nonce(), adopt, w.now);
+    }
+    w.settle();
+    let restarted = w.now;
+    while w.ka.tx_history.len() == before && w.now < restarted + Duration::from_secs(120) {
+        w.run_for(Duration::from_secs(1));
+        assert!(
+            !w.ka.stall && !w.kb.stall,
+            "{profile}/{who}: the link stalled {:?} after the restart",
+            w.now - restarted
+        );
+    }
+    w.run_for(Duration::from_secs(5));
+    assert!(
+        w.in_sync(),
+        "{:?} / {:?}",
+        w.a.status(w.now),
+        w.b.status(w.now)
+    );
+    let took = w.ka.tx_history.len() > before;
+    assert!(took, "{profile}/{who}: no rollover after the restart");
+    let rekeyed_in = w.now - restarted;
+    assert!(
+        rekeyed_in <= Duration::from_secs(30),
+        "{profile}/{who}: re-keying took {rekeyed_in:?}"
+    );
+    assert_never_reused(&w.ka);
+    assert_never_reused(&w.kb);
+    // And the link goes on rolling over afterwards.
+    let n = w.ka.tx_history.len();
+    w.run_for(Duration::from_secs(1200));
+    assert!(w.in_sync() && w.ka.tx_history.len() > n + 1);
+}
+
+#[test]
+fn restart_with_a_record_keeps_the_link_up_and_rekeys_slave_cak() {
+    restart_with_record("cak", 'b');
+}
+
+#[test]
+fn restart_with_a_record_keeps_the_link_up_and_rekeys_slave_sak() {
+    restart_with_record("sak", 'b');
+}
+
+#[test]
+fn restart_with_a_record_keeps_the_link_up_and_rekeys_master_cak() {
+    restart_with_record("cak", 'a');
+}
+
+#[test]
+fn restart_with_a_record_keeps_the_link_up_and_rekeys_master_sak() {
+    restart_with_record("sak", 'a');
+}
+
+#[test]
+fn adopted_key_lifetime_counts_from_when_it_became_active() {
+    let mut w = World::new("sak", "gcm-aes-256");
+    w.run_for(Duration::from_secs(100));
+    assert!(w.in_sync());
+    // The KME is gone, so no re-key can happen: the adopted key must stall the link when its
+    // real lifetime (600 s from activation) ends, not 600 s after the restart.
+    w.kme_up = false;
+    let (_, lb) = links("sak", "gcm-aes-256", "");
+    let adopt = adoption_of(&w.b, &w.kb, w.now);
+    let expires = w.b.active_since().unwrap() + Duration::from_secs(600);
+    w.b = LinkCore::new_adopted(&lb, 9_000, counter_nonce(), adopt, w.now);
+    w.settle();
+    assert!(!w.kb.stall, "adopted without a stall");
+    while !w.kb.stall && w.now < expires + Duration::from_secs(600) {
+        w.run_for(Duration::from_secs(1));
+    }
+    assert!(w.kb.stall, "the adopted key never expired");
+    let late = w.now.saturating_duration_since(expires);
+    assert!(
+        w.now >= expires && late <= Duration::from_secs(1),
+        "stalled {late:?} after the adopted key's real expiry"
+    );
+}
+
+#[test]
+fn an_expired_record_stalls_at_once() {
+    let mut w = World::new("cak", "gcm-aes-256");
+    w.run_for(Duration::from_secs(100));
+    let (_, lb) = links("cak", "gcm-aes-256", "");
+    let mut adopt = adoption_of(&w.b, &w.kb, w.now);
+    adopt.age = Duration::from_secs(601);
+    w.b = LinkCore::new_adopted(&lb, 9_000, counter_nonce(), adopt, w.now);
+    w.settle();
+    assert!(w.kb.stall, "a key past its lifetime is never adopted");
+    assert!(w.b.is_stalled());
 }
