@@ -13,7 +13,10 @@ fuzz_target!(|data: &[u8]| {
     };
     match Config::parse(text, "fuzz.toml") {
         Ok(cfg) => {
-            assert!(cfg.validate().is_ok(), "parse accepted what validate rejects");
+            assert!(
+                cfg.validate().is_ok(),
+                "parse accepted what validate rejects"
+            );
             assert!(!cfg.link.is_empty(), "a config without links was accepted");
             for l in &cfg.link {
                 let _ = (l.label(), l.role(), l.lldp.oui_bytes());
@@ -23,7 +26,10 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(e) => {
             let s = e.to_string();
-            assert!(s.starts_with("fuzz.toml"), "error does not name the file: {s}");
+            assert!(
+                s.starts_with("fuzz.toml"),
+                "error does not name the file: {s}"
+            );
             if !matches!(e, ConfigError::Read { .. }) {
                 assert!(!e.field().is_empty(), "error names no field: {s}");
             }

@@ -15,7 +15,10 @@ struct Replay<'a> {
 
 impl Signer for Replay<'_> {
     fn tag(&self, signed: &[u8]) -> [u8; TAG_LEN] {
-        assert_eq!(signed, self.expect_signed, "encoder signs other bytes than the receiver checks");
+        assert_eq!(
+            signed, self.expect_signed,
+            "encoder signs other bytes than the receiver checks"
+        );
         self.tag
     }
 }

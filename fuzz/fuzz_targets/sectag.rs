@@ -19,12 +19,20 @@ fuzz_target!(|data: &[u8]| {
             Ok(t) => {
                 let mut hdr = [0u8; 16];
                 let n = t.encode(&mut hdr).expect("16 bytes hold any SecTAG");
-                assert_eq!(&hdr[..n], &frame[12..12 + n], "encode(parse(x)) != header of x");
+                assert_eq!(
+                    &hdr[..n],
+                    &frame[12..12 + n],
+                    "encode(parse(x)) != header of x"
+                );
                 assert_eq!(frame[14] & TCI_V, 0);
                 let sc = frame[14] & TCI_SC != 0;
-                let secure = frame.len() as isize - 12 - 2 - 6 - if sc { 8 } else { 0 } - icv as isize;
+                let secure =
+                    frame.len() as isize - 12 - 2 - 6 - if sc { 8 } else { 0 } - icv as isize;
                 if t.short_len == 0 {
-                    assert!(secure >= 48, "SL 0 accepted with {secure} bytes of secure data");
+                    assert!(
+                        secure >= 48,
+                        "SL 0 accepted with {secure} bytes of secure data"
+                    );
                 } else {
                     // The kernel accepts SL 48..=63 when the length matches; so do we.
                     assert_eq!(secure, isize::from(t.short_len));

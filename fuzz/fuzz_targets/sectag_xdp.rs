@@ -17,8 +17,8 @@ use aya::{Ebpf, EbpfLoader};
 use libfuzzer_sys::fuzz_target;
 use qkd_macsec_common::sectag::{parse, ETH_HLEN};
 use qkd_macsec_common::{
-    sa_bucket, sa_slot, Counter, DataplaneConfig, IfCounter, SaReg, SaStats, MAP_CONFIG,
-    MAP_IF_STATS, MAP_SA_REG, MAP_SA_STATS, MACSEC_ICV_LEN, PROG_XDP, SA_PROBES, SA_VALID, SA_XPN,
+    sa_bucket, sa_slot, Counter, DataplaneConfig, IfCounter, SaReg, SaStats, MACSEC_ICV_LEN,
+    MAP_CONFIG, MAP_IF_STATS, MAP_SA_REG, MAP_SA_STATS, PROG_XDP, SA_PROBES, SA_VALID, SA_XPN,
 };
 
 /// SCI wire bytes of the registered SAs' peers.
@@ -79,7 +79,8 @@ impl Rig {
                 implicit_sci: u64::from_ne_bytes(SCI_IMPLICIT),
                 ..DataplaneConfig::DEFAULT
             };
-            cfg.set(0, &c, 0).unwrap_or_else(|e| die("writing the config", e));
+            cfg.set(0, &c, 0)
+                .unwrap_or_else(|e| die("writing the config", e));
         }
         let mut slots = Vec::new();
         {
@@ -127,7 +128,10 @@ impl Rig {
         let mut out = vec![ifc(IfCounter::RxMalformed), ifc(IfCounter::RxUnknownSa)];
         for s in &self.slots {
             let v = self.sa_stats.get(s, 0).unwrap();
-            out.push(sum(&v.iter().map(|c| (c.frames, c.bytes)).collect::<Vec<_>>()));
+            out.push(sum(&v
+                .iter()
+                .map(|c| (c.frames, c.bytes))
+                .collect::<Vec<_>>()));
         }
         out
     }
@@ -230,7 +234,10 @@ fuzz_target!(|data: &[u8]| {
         let mut r = r.borrow_mut();
         let rig = r.get_or_insert_with(Rig::new);
         let (retval, got) = rig.run(&frame);
-        assert_eq!(retval, XDP_PASS, "qkd_xdp does not pass MACsec frames when not stalled");
+        assert_eq!(
+            retval, XDP_PASS,
+            "qkd_xdp does not pass MACsec frames when not stalled"
+        );
         let want = expected(&frame);
         assert_eq!(
             got,

@@ -9,8 +9,8 @@
 use core::fmt;
 
 use crate::{
-    ETH_P_MACSEC, MACSEC_MIN_NON_SHORT_LEN, MACSEC_PORT_ES, SL_RESERVED, TCI_AN_MASK, TCI_C,
-    TCI_E, TCI_ES, TCI_SC, TCI_SCB, TCI_V,
+    ETH_P_MACSEC, MACSEC_MIN_NON_SHORT_LEN, MACSEC_PORT_ES, SL_RESERVED, TCI_AN_MASK, TCI_C, TCI_E,
+    TCI_ES, TCI_SC, TCI_SCB, TCI_V,
 };
 
 /// Destination and source MAC addresses.
@@ -120,7 +120,12 @@ impl SecTag {
     }
     /// Octets of SecTAG on the wire (6, or 14 with an explicit SCI).
     pub fn len(&self) -> usize {
-        SECTAG_BASE_LEN + if self.explicit_sci.is_some() { SCI_LEN } else { 0 }
+        SECTAG_BASE_LEN
+            + if self.explicit_sci.is_some() {
+                SCI_LEN
+            } else {
+                0
+            }
     }
     /// Never true: a SecTAG has at least six octets (here for clippy's `len` convention).
     pub fn is_empty(&self) -> bool {

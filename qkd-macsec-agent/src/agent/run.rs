@@ -41,7 +41,9 @@ const LLDP_TTL: u16 = 120;
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    crate::privs::check_config_file(&args.config)?;
     let cfg = Config::load(&args.config)?;
+    crate::privs::check_startup_files(&args.config, &cfg)?;
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     if euid != 0 {
@@ -61,6 +63,7 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
     let statuses: Arc<Mutex<Vec<Option<Status>>>> =
         Arc::new(Mutex::new(vec![None; cfg.link.len()]));
     let status_task = spawn_status_socket(cfg.global.status_socket.clone(), statuses.clone())?;
+    let _drop_caps = crate::privs::spawn_drop_when_started(cfg.link.len());
     let mut tasks = Vec::new();
     for (i, link) in cfg.link.iter().enumerate() {
         let link = link.clone();
@@ -70,6 +73,7 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(async move {
             let label = link.label().to_owned();
             let r = run_link(i, link, global, stop, statuses).await;
+            crate::privs::link_ready(i);
             if let Err(e) = &r {
                 tracing::error!(link = %label, error = format!("{e:#}"), "link stopped");
             }
@@ -286,6 +290,7 @@ async fn run_link(
         recorded: None,
     };
     tracing::info!(link = %label, role = ?io.role, lower = %link.lower_interface, macsec = %link.macsec_interface, "link started");
+    crate::privs::link_ready(index);
     let mut poll = tokio::time::interval(POLL_INTERVAL);
     loop {
         io.execute(&mut core);
