@@ -569,12 +569,11 @@ impl KmeClient {
 
 /// Decodes a 200 answer to `status` (clause 6.1) from `url`. Public for the fuzz targets.
 pub fn decode_status(url: &str, body: &[u8]) -> Result<KmeStatus, Etsi014Error> {
-    let status: Status =
-        serde_json::from_slice(body).map_err(|e| Etsi014Error::Malformed {
-            url: url.to_string(),
-            what: "status",
-            detail: sanitized(&e),
-        })?;
+    let status: Status = serde_json::from_slice(body).map_err(|e| Etsi014Error::Malformed {
+        url: url.to_string(),
+        what: "status",
+        detail: sanitized(&e),
+    })?;
     let availability = status
         .status_extension
         .as_ref()
