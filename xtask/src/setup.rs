@@ -28,6 +28,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("kmod", "depmod for the VM kernel modules"),
     ("iproute2", "test scaffolding (ip netns/link/macsec)"),
     ("iputils-ping", "test traffic"),
+    (
+        "openssl",
+        "etsi_tls test: TLS 1.1-only and self-signed KME servers",
+    ),
     ("tcpdump", "debugging captures"),
     ("xz-utils", "unpacking the VM kernel for a fast direct boot"),
 ];
