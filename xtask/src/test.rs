@@ -1,4 +1,4 @@
-//! `cargo xtask test`: every check in order (fmt, clippy, unit, integration, host, vm), each announced and timed;
+//! `cargo xtask test`: every check in order (fmt, clippy, unit, integration, fuzz, host, vm), each announced and timed;
 //! and `cargo xtask build-ebpf`.
 
 use std::fs;
