@@ -21,6 +21,7 @@ pub mod kmesim;
 pub mod lldp;
 pub mod macsec;
 pub mod ops;
+pub mod privs;
 pub mod profile;
 pub mod secret;
 pub mod watchdog;

@@ -5,6 +5,8 @@
 //! is documented in docs/dataplane.md; the compile-time size asserts at the bottom pin it.
 #![no_std]
 
+pub mod sectag;
+
 /// EtherType of LLDP (IEEE 802.1AB).
 pub const ETH_P_LLDP: u16 = 0x88CC;
 /// EtherType of MACsec (IEEE 802.1AE).

@@ -4,14 +4,16 @@
 //!   VM kernel and initramfs). Idempotent; a second run takes seconds.
 //! - `vm-run`, `vm-runner`: run a command (or a cargo test binary) as root inside a qemu VM whose
 //!   kernel has MACsec.
-//! - `test`: every check, in order: fmt, clippy, unit tests, loopback integration tests, privileged host tests, VM tests.
+//! - `test`: every check, in order: fmt, clippy, unit tests, loopback integration tests, fuzz smoke run, privileged host tests, VM tests.
 //! - `build-ebpf`: builds the eBPF object alone.
 //! - `demo`: two QKD-keyed MACsec gateways with traffic and a live view (in the VM if needed).
 //! - `bench [area]`: benchmarks, merged into target/bench/results.json, and the report.
 //! - `package`: the Debian package (target/package/*.deb).
+//! - `fuzz`: the cargo-fuzz targets in fuzz/, each for a time or a number of runs.
 
 mod bench;
 mod demo;
+mod fuzz;
 mod package;
 mod report;
 mod setup;
@@ -62,9 +64,9 @@ enum Cmd {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         cmd: Vec<String>,
     },
-    /// Run every check: fmt, clippy, unit tests, integration tests, host tests (root), VM tests.
+    /// Run every check: fmt, clippy, unit tests, integration tests, fuzz smoke, host tests (root), VM tests.
     Test {
-        /// Run only these stages (fmt, clippy, unit, integration, host, vm); may repeat. Default: all.
+        /// Run only these stages (fmt, clippy, unit, integration, fuzz, host, vm); may repeat. Default: all.
         #[arg(long = "only", value_name = "STAGE")]
         only: Vec<test::Stage>,
         /// Only test binaries whose name contains this text (host and VM stages).
@@ -87,6 +89,19 @@ enum Cmd {
         /// Where to run: auto (the VM when the host kernel lacks MACsec), host or vm.
         #[arg(long, default_value = "auto")]
         place: String,
+    },
+    /// Run the fuzz targets in fuzz/ one after the other (one job each); figures go to
+    /// target/fuzz/summary.json. Fails if any target finds a crash.
+    Fuzz {
+        /// Only this target (lldp, keyx_wire, sectag, etsi014, config, sectag_xdp); may repeat.
+        #[arg(long = "target", value_name = "T")]
+        targets: Vec<String>,
+        /// Seconds per target (default 20 when --runs is not given).
+        #[arg(long, conflicts_with = "runs")]
+        seconds: Option<u64>,
+        /// Executions per target.
+        #[arg(long)]
+        runs: Option<u64>,
     },
     /// Run the benchmarks of one area (kme, macsec, ebpf, agent) or all of them (no area), then
     /// write target/bench/report.md with SVG plots.
@@ -138,6 +153,17 @@ fn main() -> ExitCode {
             })
         }
         Cmd::Package { debug } => package::run(!debug).map(|_| 0),
+        Cmd::Fuzz {
+            targets,
+            seconds,
+            runs,
+        } => {
+            let budget = match (seconds, runs) {
+                (_, Some(n)) => fuzz::Budget::Runs(n),
+                (s, None) => fuzz::Budget::Seconds(s.unwrap_or(20)),
+            };
+            fuzz::run(&targets, budget).map(|_| 0)
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -28,6 +28,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("kmod", "depmod for the VM kernel modules"),
     ("iproute2", "test scaffolding (ip netns/link/macsec)"),
     ("iputils-ping", "test traffic"),
+    (
+        "openssl",
+        "etsi_tls test: TLS 1.1-only and self-signed KME servers",
+    ),
     ("tcpdump", "debugging captures"),
     ("xz-utils", "unpacking the VM kernel for a fast direct boot"),
     (
@@ -118,6 +122,11 @@ pub fn run(opts: Options) -> Result<VmImage> {
         "bpf-linker",
         "it needs llvm-22-dev (apt) and crates.io access; see docs/testing.md",
         || bpf_linker().map(|n| ((), n)),
+    )?;
+    step(
+        "cargo-fuzz",
+        "it needs crates.io access; see docs/fuzzing.md",
+        || cargo_fuzz().map(|n| ((), n)),
     )?;
     let image = vm_image(opts.force_initramfs)?;
     eprintln!("[setup] all done ({})", secs(t));
@@ -342,6 +351,38 @@ fn bpf_linker() -> Result<String> {
         anyhow!("bpf-linker installed but `bpf-linker --version` fails; is ~/.cargo/bin on PATH?")
     })?;
     Ok(format!("{v} installed"))
+}
+
+/// cargo-fuzz version `cargo xtask fuzz` is written against (its flags and output layout).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+fn cargo_fuzz() -> Result<String> {
+    let have = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    if let Some(v) = &have {
+        if v.ends_with(CARGO_FUZZ_VERSION) {
+            return Ok(format!("{v} present"));
+        }
+        eprintln!("[setup]   found `{v}`, want {CARGO_FUZZ_VERSION}; reinstalling");
+    }
+    let mut c = cmd(
+        "cargo",
+        &[
+            "install",
+            "--locked",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ_VERSION,
+            "--force",
+        ],
+    );
+    c.current_dir(util::repo_root());
+    util::run(&mut c)?;
+    Ok(format!("cargo-fuzz {CARGO_FUZZ_VERSION} installed"))
 }
 
 /// The kernel version recorded by an earlier set-up, if apt's package lists have not changed since

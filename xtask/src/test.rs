@@ -1,4 +1,4 @@
-//! `cargo xtask test`: every check in order (fmt, clippy, unit, integration, host, vm), each announced and timed;
+//! `cargo xtask test`: every check in order (fmt, clippy, unit, integration, fuzz, host, vm), each announced and timed;
 //! and `cargo xtask build-ebpf`.
 
 use std::fs;
@@ -24,20 +24,26 @@ pub enum Stage {
     Unit,
     /// tests/tests/*.rs that are neither host_ nor vm_: real sockets, no privileges (e.g. etsi_*)
     Integration,
+    /// a short run of every fuzz target in fuzz/ (cargo xtask fuzz --seconds 12)
+    Fuzz,
     /// tests/tests/host_*.rs as root on the host
     Host,
     /// tests/tests/vm_*.rs inside the VM, all in one boot
     Vm,
 }
 
-const ALL: [Stage; 6] = [
+const ALL: [Stage; 7] = [
     Stage::Fmt,
     Stage::Clippy,
     Stage::Unit,
     Stage::Integration,
+    Stage::Fuzz,
     Stage::Host,
     Stage::Vm,
 ];
+
+/// Seconds per fuzz target in the smoke stage: six targets stay near a minute and a half.
+const FUZZ_SMOKE_SECONDS: u64 = 12;
 
 fn cargo(args: &[&str]) -> Command {
     let mut c = cmd("cargo", args);
@@ -80,6 +86,7 @@ pub fn run(only: &[Stage], filter: Option<&str>) -> Result<()> {
             Stage::Clippy => clippy(),
             Stage::Unit => unit(),
             Stage::Integration => integration(filter),
+            Stage::Fuzz => crate::fuzz::run(&[], crate::fuzz::Budget::Seconds(FUZZ_SMOKE_SECONDS)),
             Stage::Host => host(filter),
             Stage::Vm => vm_stage(filter),
         };
@@ -114,6 +121,7 @@ fn describe(s: Stage) -> &'static str {
         Stage::Integration => {
             "integration: tests/tests/*.rs other than host_* and vm_* (loopback sockets, no privileges)"
         }
+        Stage::Fuzz => "fuzz: every fuzz target for 12 s (cargo xtask fuzz --seconds 12; sectag_xdp needs root)",
         Stage::Host => "host: tests/tests/host_*.rs as root (--test-threads=1)",
         Stage::Vm => "vm: tests/tests/vm_*.rs inside the MACsec VM, one boot (--test-threads=1)",
     }

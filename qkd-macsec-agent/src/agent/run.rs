@@ -51,7 +51,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             missing.join(", ")
         );
     }
+    crate::privs::check_config_file(&args.config)?;
     let cfg = Config::load(&args.config)?;
+    crate::privs::check_startup_files(&args.config, &cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -79,6 +81,7 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
         None => None,
     };
     let alarms = crate::ops::alarm::AlarmSink::start(cfg.global.alarm_hook.clone());
+    let _drop_caps = crate::privs::spawn_drop_when_started(cfg.link.len());
     let mut tasks = Vec::new();
     for (i, link) in cfg.link.iter().enumerate() {
         let link = link.clone();
@@ -89,6 +92,7 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(async move {
             let label = link.label().to_owned();
             let r = run_link(i, link, global, stop, statuses, alarms).await;
+            crate::privs::link_ready(i);
             if let Err(e) = &r {
                 tracing::error!(link = %label, error = format!("{e:#}"), "link stopped");
             }
@@ -354,6 +358,7 @@ async fn run_link(
         recorded: None,
     };
     tracing::info!(link = %label, role = ?io.role, lower = %link.lower_interface, macsec = %link.macsec_interface, "link started");
+    crate::privs::link_ready(index);
     let mut poll = tokio::time::interval(POLL_INTERVAL);
     loop {
         io.execute(&mut core);

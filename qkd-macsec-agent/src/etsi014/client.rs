@@ -321,28 +321,7 @@ impl KmeClient {
     pub async fn status(&self, slave_sae_id: &str) -> Result<KmeStatus, Etsi014Error> {
         let url = self.url(slave_sae_id, "status");
         let body = self.call(Method::GET, &url, None).await?;
-        let status: Status =
-            serde_json::from_slice(&body).map_err(|e| Etsi014Error::Malformed {
-                url: url.clone(),
-                what: "status",
-                detail: sanitized(&e),
-            })?;
-        let availability = status
-            .status_extension
-            .as_ref()
-            .and_then(|e| e.get(wire::ext::AVAILABILITY_TIMEOUT_MS))
-            .and_then(|v| v.as_u64())
-            .map_or(KeyAvailability::Unknown, |ms| {
-                if ms == 0 {
-                    KeyAvailability::Unlimited
-                } else {
-                    KeyAvailability::Within(Duration::from_millis(ms))
-                }
-            });
-        Ok(KmeStatus {
-            status,
-            availability,
-        })
+        decode_status(&url, &body)
     }
 
     /// `GET {slave_SAE_ID}/enc_keys?number=&size=`. `size` in bits; None = the KME's default.
@@ -359,7 +338,7 @@ impl KmeClient {
         }
         let sent = Instant::now();
         let body = self.call(Method::GET, &url, None).await?;
-        self.parse_keys(&url, body, sent, Expect::Count(number as usize), size_bits)
+        decode_key_container(&url, body, sent, Expect::Count(number as usize), size_bits)
     }
 
     /// `POST {slave_SAE_ID}/enc_keys` with a full key request.
@@ -375,7 +354,7 @@ impl KmeClient {
             .map_err(|e| Etsi014Error::InvalidRequest(format!("cannot encode request: {e}")))?;
         let sent = Instant::now();
         let body = self.call(Method::POST, &url, Some(json)).await?;
-        self.parse_keys(
+        decode_key_container(
             &url,
             body,
             sent,
@@ -399,7 +378,7 @@ impl KmeClient {
         );
         let sent = Instant::now();
         let body = self.call(Method::GET, &url, None).await?;
-        let mut keys = self.parse_keys(&url, body, sent, Expect::Ids(&[key_id]), size_bits)?;
+        let mut keys = decode_key_container(&url, body, sent, Expect::Ids(&[key_id]), size_bits)?;
         Ok(keys.remove(0))
     }
 
@@ -438,94 +417,7 @@ impl KmeClient {
             .map_err(|e| Etsi014Error::InvalidRequest(format!("cannot encode request: {e}")))?;
         let sent = Instant::now();
         let body = self.call(Method::POST, &url, Some(json)).await?;
-        self.parse_keys(&url, body, sent, Expect::Ids(key_ids), size_bits)
-    }
-
-    fn parse_keys(
-        &self,
-        url: &str,
-        body: Zeroizing<Vec<u8>>,
-        sent: Instant,
-        expect: Expect<'_>,
-        size_bits: Option<u32>,
-    ) -> Result<Vec<Key>, Etsi014Error> {
-        let container: KeyContainer =
-            serde_json::from_slice(&body).map_err(|e| Etsi014Error::Malformed {
-                url: url.to_string(),
-                what: "key container",
-                detail: sanitized(&e),
-            })?;
-        drop(body);
-        let url_s = || url.to_string();
-        match expect {
-            Expect::Count(n) if container.keys.len() != n => {
-                return Err(Etsi014Error::WrongKeyCount {
-                    url: url_s(),
-                    expected: n,
-                    got: container.keys.len(),
-                })
-            }
-            _ => {}
-        }
-        let mut out = Vec::with_capacity(container.keys.len());
-        let mut seen = HashSet::new();
-        for entry in &container.keys {
-            let id = Uuid::parse_str(&entry.key_id).map_err(|_| Etsi014Error::BadKeyId {
-                url: url_s(),
-                key_id: entry.key_id.chars().take(64).collect(),
-            })?;
-            if !seen.insert(id) {
-                return Err(Etsi014Error::DuplicateKeyId {
-                    url: url_s(),
-                    key_id: id.to_string(),
-                });
-            }
-            if let Expect::Ids(ids) = expect {
-                if !ids.contains(&id) {
-                    return Err(Etsi014Error::UnexpectedKeyId {
-                        url: url_s(),
-                        key_id: id.to_string(),
-                    });
-                }
-            }
-            let material = decode_key(&entry.key).ok_or_else(|| Etsi014Error::BadBase64 {
-                url: url_s(),
-                key_id: id.to_string(),
-            })?;
-            let ok_size = match size_bits {
-                Some(bits) => material.len() * 8 == bits as usize,
-                None => !material.is_empty(),
-            };
-            if !ok_size {
-                return Err(Etsi014Error::WrongKeySize {
-                    url: url_s(),
-                    key_id: id.to_string(),
-                    expected_bits: size_bits.unwrap_or(0),
-                    got_bits: material.len() * 8,
-                });
-            }
-            let slave_deadline = entry
-                .key_extension
-                .as_ref()
-                .and_then(|e| e.get(wire::ext::EXPIRES_IN_MS))
-                .and_then(|v| v.as_u64())
-                // Measured from when the request was sent: errs on the early side.
-                .map(|ms| sent + Duration::from_millis(ms));
-            out.push(Key {
-                id,
-                material,
-                slave_deadline,
-            });
-        }
-        if let Expect::Ids(ids) = expect {
-            if let Some(missing) = ids.iter().find(|id| !seen.contains(id)) {
-                return Err(Etsi014Error::MissingKeyId {
-                    url: url_s(),
-                    key_id: missing.to_string(),
-                });
-            }
-        }
-        Ok(out)
+        decode_key_container(&url, body, sent, Expect::Ids(key_ids), size_bits)
     }
 
     /// Runs one 014 call with retries; returns the 200 body.
@@ -641,15 +533,7 @@ impl KmeClient {
         if status == StatusCode::OK {
             return Ok(Attempt::Done(buf.0));
         }
-        let err: Option<ErrorBody> = if is_json {
-            serde_json::from_slice(&buf.0).ok()
-        } else {
-            None
-        };
-        let (message, details) = match &err {
-            Some(e) => (e.message.clone(), details_text(&e.details)),
-            None => ("(no ETSI 014 JSON error body)".to_string(), String::new()),
-        };
+        let (message, details) = decode_error_body(&buf.0, is_json);
         let url = url.to_string();
         Ok(match status {
             StatusCode::BAD_REQUEST => {
@@ -683,7 +567,136 @@ impl KmeClient {
     }
 }
 
-enum Expect<'a> {
+/// Decodes a 200 answer to `status` (clause 6.1) from `url`. Public for the fuzz targets.
+pub fn decode_status(url: &str, body: &[u8]) -> Result<KmeStatus, Etsi014Error> {
+    let status: Status = serde_json::from_slice(body).map_err(|e| Etsi014Error::Malformed {
+        url: url.to_string(),
+        what: "status",
+        detail: sanitized(&e),
+    })?;
+    let availability = status
+        .status_extension
+        .as_ref()
+        .and_then(|e| e.get(wire::ext::AVAILABILITY_TIMEOUT_MS))
+        .and_then(|v| v.as_u64())
+        .map_or(KeyAvailability::Unknown, |ms| {
+            if ms == 0 {
+                KeyAvailability::Unlimited
+            } else {
+                KeyAvailability::Within(Duration::from_millis(ms))
+            }
+        });
+    Ok(KmeStatus {
+        status,
+        availability,
+    })
+}
+
+/// Decodes and checks a key container (clause 6.3), the 200 answer to enc_keys/dec_keys from
+/// `url`: the count or the exact key_IDs `expect`s, UUID key_IDs, RFC 4648 base64 keys of
+/// `size_bits`. Errors never carry key material. Public for the fuzz targets.
+pub fn decode_key_container(
+    url: &str,
+    body: Zeroizing<Vec<u8>>,
+    sent: Instant,
+    expect: Expect<'_>,
+    size_bits: Option<u32>,
+) -> Result<Vec<Key>, Etsi014Error> {
+    let container: KeyContainer =
+        serde_json::from_slice(&body).map_err(|e| Etsi014Error::Malformed {
+            url: url.to_string(),
+            what: "key container",
+            detail: sanitized(&e),
+        })?;
+    drop(body);
+    let url_s = || url.to_string();
+    match expect {
+        Expect::Count(n) if container.keys.len() != n => {
+            return Err(Etsi014Error::WrongKeyCount {
+                url: url_s(),
+                expected: n,
+                got: container.keys.len(),
+            })
+        }
+        _ => {}
+    }
+    let mut out = Vec::with_capacity(container.keys.len());
+    let mut seen = HashSet::new();
+    for entry in &container.keys {
+        let id = Uuid::parse_str(&entry.key_id).map_err(|_| Etsi014Error::BadKeyId {
+            url: url_s(),
+            key_id: entry.key_id.chars().take(64).collect(),
+        })?;
+        if !seen.insert(id) {
+            return Err(Etsi014Error::DuplicateKeyId {
+                url: url_s(),
+                key_id: id.to_string(),
+            });
+        }
+        if let Expect::Ids(ids) = expect {
+            if !ids.contains(&id) {
+                return Err(Etsi014Error::UnexpectedKeyId {
+                    url: url_s(),
+                    key_id: id.to_string(),
+                });
+            }
+        }
+        let material = decode_key(&entry.key).ok_or_else(|| Etsi014Error::BadBase64 {
+            url: url_s(),
+            key_id: id.to_string(),
+        })?;
+        let ok_size = match size_bits {
+            Some(bits) => material.len() * 8 == bits as usize,
+            None => !material.is_empty(),
+        };
+        if !ok_size {
+            return Err(Etsi014Error::WrongKeySize {
+                url: url_s(),
+                key_id: id.to_string(),
+                expected_bits: size_bits.unwrap_or(0),
+                got_bits: material.len() * 8,
+            });
+        }
+        let slave_deadline = entry
+            .key_extension
+            .as_ref()
+            .and_then(|e| e.get(wire::ext::EXPIRES_IN_MS))
+            .and_then(|v| v.as_u64())
+            // Measured from when the request was sent: errs on the early side.
+            .map(|ms| sent + Duration::from_millis(ms));
+        out.push(Key {
+            id,
+            material,
+            slave_deadline,
+        });
+    }
+    if let Expect::Ids(ids) = expect {
+        if let Some(missing) = ids.iter().find(|id| !seen.contains(id)) {
+            return Err(Etsi014Error::MissingKeyId {
+                url: url_s(),
+                key_id: missing.to_string(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// `(message, details)` of an error answer (clause 6.5) for the error text; a body that is not
+/// ETSI 014 JSON gets a placeholder. Public for the fuzz targets.
+pub fn decode_error_body(body: &[u8], is_json: bool) -> (String, String) {
+    let err: Option<ErrorBody> = if is_json {
+        serde_json::from_slice(body).ok()
+    } else {
+        None
+    };
+    match &err {
+        Some(e) => (e.message.clone(), details_text(&e.details)),
+        None => ("(no ETSI 014 JSON error body)".to_string(), String::new()),
+    }
+}
+
+/// What a key container must hold.
+pub enum Expect<'a> {
     Count(usize),
     Ids(&'a [Uuid]),
 }

@@ -236,6 +236,11 @@ impl LldpFrame {
                     chassis_mac = Some(<[u8; 6]>::try_from(&value[1..7]).expect("6 bytes"));
                 }
                 TLV_PORT => {
+                    // 802.1AB 8.5.3: the port ID is 1..=255 octets (the encoder's bound too;
+                    // found by the lldp fuzz target's decode/encode round trip).
+                    if len - 1 > 255 {
+                        return Err(LldpError::BadPortIdLength { len: len - 1 });
+                    }
                     let name = std::str::from_utf8(&value[1..]).ok();
                     match name {
                         Some(n) if value[0] == PORT_IFNAME && !n.is_empty() => {
@@ -515,6 +520,35 @@ mod tests {
         assert!(matches!(
             LldpFrame::parse_frame(&[0; 5], LLDP_OUI, LLDP_SUBTYPE),
             Err(LldpError::NotLldp { len: 5, .. })
+        ));
+    }
+
+    /// Regression (fuzz target `lldp`, decode/encode round trip): a 300-byte port ID decoded,
+    /// but the encoder (rightly) refuses more than 255, so the agent accepted frames it could not
+    /// have sent. 802.1AB bounds the port ID to 1..=255 octets; 255 still decodes.
+    #[test]
+    fn port_id_longer_than_255_is_rejected() {
+        let build = |n: usize| {
+            let mut p = Vec::new();
+            push_tlv(&mut p, 1, &[4, 2, 0, 0, 0, 0, 1]);
+            let mut port = vec![5];
+            port.resize(1 + n, b'p');
+            push_tlv(&mut p, 2, &port);
+            push_tlv(&mut p, 3, &[0, 120]);
+            push_tlv(&mut p, 127, &[0x5A, 0x51, 0x4B, 1, 9]);
+            push_tlv(&mut p, 0, &[]);
+            p
+        };
+        let ok = parse(&build(255)).unwrap();
+        let again = ok.encode_lldpdu(LLDP_OUI, LLDP_SUBTYPE).unwrap();
+        assert_eq!(parse(&again).unwrap(), ok);
+        assert!(matches!(
+            parse(&build(256)),
+            Err(LldpError::BadPortIdLength { len: 256 })
+        ));
+        assert!(matches!(
+            parse(&build(300)),
+            Err(LldpError::BadPortIdLength { len: 300 })
         ));
     }
 }
