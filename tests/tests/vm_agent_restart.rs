@@ -9,7 +9,6 @@ use qkd_macsec_tests::require_macsec;
 use qkd_macsec_tests::testbed::{LinkSpec, Running, Side, TestbedOptions, SECURE_TIMEOUT};
 
 #[test]
-#[ignore = "needs qkd-macsec-agent run to pass it (issue 6); not yet passing in the VM: cargo xtask vm-run -- <test binary> --ignored"]
 fn kill_9_and_restart_lose_no_frames_while_keys_are_valid() {
     require_macsec();
     let mut spec = LinkSpec::fast("cak");

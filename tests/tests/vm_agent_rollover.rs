@@ -60,13 +60,11 @@ fn hundred_rollovers(profile: &'static str) {
 }
 
 #[test]
-#[ignore = "needs qkd-macsec-agent run to pass it (issue 6); not yet passing in the VM: cargo xtask vm-run -- <test binary> --ignored"]
 fn hundred_rollovers_without_loss_cak() {
     hundred_rollovers("cak");
 }
 
 #[test]
-#[ignore = "needs qkd-macsec-agent run to pass it (issue 6); not yet passing in the VM: cargo xtask vm-run -- <test binary> --ignored"]
 fn hundred_rollovers_without_loss_sak() {
     hundred_rollovers("sak");
 }
