@@ -30,7 +30,6 @@ fn org_tlv_payload(frame: &[u8]) -> Option<(usize, usize)> {
 }
 
 #[test]
-#[ignore = "needs qkd-macsec-agent run to pass it (issue 6); not yet passing in the VM: cargo xtask vm-run -- <test binary> --ignored"]
 fn forged_and_replayed_tlvs_from_a_third_namespace_are_ignored() {
     require_macsec();
     let mut spec = LinkSpec::fast("sak");
