@@ -20,6 +20,7 @@ pub mod keyx;
 pub mod kmesim;
 pub mod lldp;
 pub mod macsec;
+pub mod ops;
 pub mod privs;
 pub mod profile;
 pub mod secret;

@@ -1,7 +1,7 @@
 //! `qkd-macsec-agent`: the command-line entry point. Each subcommand's logic lives in its module;
 //! this file only parses arguments, sets up logging and dispatches.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use qkd_macsec_agent::{certs, etsi014, kmesim};
 
 #[derive(Parser)]
@@ -19,6 +19,19 @@ struct Cli {
 enum Command {
     /// Run the agent: key every configured link's MACsec from QKD and watch its key lifetime.
     Run(qkd_macsec_agent::agent::run::RunArgs),
+    /// Show each link of the running agent: state, key IDs, AKL left, key supply, counters.
+    Status(qkd_macsec_agent::ops::client::StatusArgs),
+    /// Load and validate a config file as `run` would, without touching the system.
+    CheckConfig {
+        #[arg(long, env = "QKD_MACSEC_CONFIG")]
+        config: std::path::PathBuf,
+    },
+    /// Write the man pages (section 8) into DIR (used by `cargo xtask package`).
+    #[command(hide = true)]
+    GenMan {
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Benchmark the key exchange's per-message cost against AES-CMAC (`cargo xtask bench agent`).
     #[command(hide = true)]
     BenchAgent {
@@ -110,6 +123,17 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(a) => qkd_macsec_agent::agent::run::run(a),
+        Command::Status(a) => Ok(qkd_macsec_agent::ops::client::run(a)?),
+        Command::CheckConfig { config } => {
+            println!("{}", qkd_macsec_agent::ops::check_config(&config)?);
+            Ok(())
+        }
+        Command::GenMan { out } => {
+            for f in qkd_macsec_agent::ops::write_man_pages(Cli::command(), &out)? {
+                println!("{}", out.join(f).display());
+            }
+            Ok(())
+        }
         Command::BenchAgent { messages } => qkd_macsec_agent::agent::bench::run(messages),
         Command::EbpfInfo => {
             println!(

@@ -424,6 +424,27 @@ pub fn agent_bin() -> PathBuf {
     bin
 }
 
+/// Pins the calling thread (or, in a `pre_exec` hook, the process about to start) to CPU 0.
+///
+/// Why the end-to-end tests use it: Linux 6.1's `macsec_encrypt()` takes the TX SA from
+/// `encoding_sa` and `macsec_fill_sectag()` reads `encoding_sa` again, so a frame encrypted on
+/// another CPU at the instant of a switch carries the new AN with the old key and the peer drops
+/// it (docs/macsec.md, "Kernel findings"). With the senders and the agents on one CPU (transmit
+/// runs with bottom halves disabled) that kernel race cannot occur, and a lost frame is the
+/// agent's own fault. Returns the error instead of panicking so it can run after fork.
+pub fn pin_to_cpu0() -> std::io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity only touch it, and
+    // neither allocates (safe between fork and exec).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -227,6 +227,9 @@ pub struct TestbedOptions {
     /// observed by the monitor and capture; link i > 0 is `wan<i>`/`macsec<i>` over its own
     /// veth pair (Wire::Direct only), addressed 10.200.<i>.1 and .2.
     pub links: usize,
+    /// Run the agents and the stream senders on CPU 0 ([`crate::pin_to_cpu0`] says why): the
+    /// loss a test counts is then the agents' alone, not the 6.1 kernel's SA-switch race.
+    pub one_cpu: bool,
 }
 
 impl Default for TestbedOptions {
@@ -236,6 +239,7 @@ impl Default for TestbedOptions {
             kme_args: Vec::new(),
             agent_log: "info".into(),
             links: 1,
+            one_cpu: true,
         }
     }
 }
@@ -283,6 +287,8 @@ pub struct Testbed {
     keep_dir: bool,
     /// Links between the gateways ([`TestbedOptions::links`]).
     pub links: usize,
+    /// [`TestbedOptions::one_cpu`].
+    pub one_cpu: bool,
 }
 
 impl Testbed {
@@ -395,6 +401,7 @@ impl Testbed {
             kme: None,
             keep_dir: std::env::var_os("QKD_KEEP_TESTBED").is_some(),
             links: opts.links.max(1),
+            one_cpu: opts.one_cpu,
         };
         assert!(
             bed.links == 1 || matches!(opts.wire, Wire::Direct),
@@ -512,8 +519,16 @@ impl Testbed {
         let bin = bin.to_string_lossy().into_owned();
         let cfg = f.config.to_string_lossy().into_owned();
         let filter = log_filter.to_owned();
+        let one_cpu = self.one_cpu;
         let child = self.gw[side.idx()].spawn_with(&[&bin, "run", "--config", &cfg], |c| {
             c.stdout(log).stderr(log2).env("QKD_MACSEC_LOG", filter);
+            if one_cpu {
+                use std::os::unix::process::CommandExt as _;
+                // SAFETY: pin_to_cpu0 only calls sched_setaffinity (async-signal-safe).
+                unsafe {
+                    c.pre_exec(crate::pin_to_cpu0);
+                }
+            }
         });
         self.agents[side.idx()] = Some(AgentProc {
             child,
@@ -1073,6 +1088,21 @@ impl Stream {
                 };
                 sock.set_read_timeout(Some(Duration::from_millis(100)))
                     .expect("read timeout");
+                // A receiver starved of CPU for a few seconds (the emulated VM verifying a
+                // restarted agent's eBPF programs) must not overflow its socket buffer: the
+                // stream counts what MACsec loses, not what this thread failed to read.
+                let big: libc::c_int = 16 << 20;
+                // SAFETY: a valid socket fd and a c_int option value of the stated size.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        sock.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_RCVBUFFORCE,
+                        (&big as *const libc::c_int).cast(),
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                };
+                assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
                 let _ = ready_tx.send(());
                 let mut buf = [0u8; 128];
                 while !stop.load(Ordering::Relaxed) {
@@ -1110,7 +1140,11 @@ impl Stream {
             let ns = Arc::clone(bed.ns(from));
             let shared = Arc::clone(&shared);
             let stop = Arc::clone(&stop_send);
+            let one_cpu = bed.one_cpu;
             std::thread::spawn(move || {
+                if one_cpu {
+                    crate::pin_to_cpu0().expect("pinning the stream sender to CPU 0");
+                }
                 let sock = {
                     let _in = ns.enter();
                     UdpSocket::bind(SocketAddrV4::new(from.macsec_ip().parse().unwrap(), 0))

@@ -11,7 +11,6 @@ use qkd_macsec_tests::testbed::{
 };
 
 #[test]
-#[ignore = "needs qkd-macsec-agent run to pass it (issue 6); not yet passing in the VM: cargo xtask vm-run -- <test binary> --ignored"]
 fn eavesdropper_starves_keys_until_the_link_stalls_then_it_recovers() {
     require_macsec();
     let mut spec = LinkSpec::fast("sak");

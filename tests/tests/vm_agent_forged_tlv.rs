@@ -33,7 +33,13 @@ fn org_tlv_payload(frame: &[u8]) -> Option<(usize, usize)> {
 #[ignore = "needs qkd-macsec-agent run to pass it (issue 6); not yet passing in the VM: cargo xtask vm-run -- <test binary> --ignored"]
 fn forged_and_replayed_tlvs_from_a_third_namespace_are_ignored() {
     require_macsec();
-    let spec = LinkSpec::fast("sak");
+    let mut spec = LinkSpec::fast("sak");
+    // A SAK every 3 s as with the fast spec, but with 3 s of margin before expiry instead of 1:
+    // on a loaded host the emulated VM sometimes needs over a second for one rollover, and a
+    // stall here must mean the injections did something, not that the VM was slow.
+    spec.akl_max_age = "6s".into();
+    spec.akl_rollover_at = 0.5;
+    spec.akl_warn_at = 0.8;
     let opts = TestbedOptions {
         wire: Wire::Bridged,
         ..Default::default()

@@ -14,7 +14,6 @@ use qkd_macsec_tests::testbed::{
 const SAMPLE_SLACK: Duration = Duration::from_millis(150);
 
 #[test]
-#[ignore = "needs qkd-macsec-agent run to pass it (issue 6); not yet passing in the VM: cargo xtask vm-run -- <test binary> --ignored"]
 fn kme_outage_warns_stalls_at_akl_expiry_and_recovers_within_2s() {
     require_macsec();
     let mut spec = LinkSpec::fast("sak");

@@ -74,13 +74,11 @@ fn link_comes_up(profile: &'static str) {
 }
 
 #[test]
-#[ignore = "needs qkd-macsec-agent run to pass it (issue 6); not yet passing in the VM: cargo xtask vm-run -- <test binary> --ignored"]
 fn link_comes_up_in_cak_profile() {
     link_comes_up("cak");
 }
 
 #[test]
-#[ignore = "needs qkd-macsec-agent run to pass it (issue 6); not yet passing in the VM: cargo xtask vm-run -- <test binary> --ignored"]
 fn link_comes_up_in_sak_profile() {
     link_comes_up("sak");
 }

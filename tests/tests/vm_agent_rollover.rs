@@ -9,8 +9,12 @@ use qkd_macsec_tests::testbed::{FrameKind, LinkSpec, Running, TestbedOptions, SE
 fn hundred_rollovers(profile: &'static str) {
     require_macsec();
     let mut spec = LinkSpec::fast(profile);
-    // A SAK every 1.5 s: 100 rollovers in about 150 s.
-    spec.akl_max_age = "2s".into();
+    // A SAK every 2 s: 100 rollovers in about 200 s. 3 s of the lifetime are left when the
+    // rollover starts: the emulated VM on a loaded host took over 1.5 s for some rollovers
+    // (normally tens of ms), and this test is about loss, not about the VM's speed.
+    spec.akl_max_age = "5s".into();
+    spec.akl_rollover_at = 0.4;
+    spec.akl_warn_at = 0.8;
     if profile == "sak" {
         spec.key_request_interval = "1s".into();
     }
@@ -24,14 +28,15 @@ fn hundred_rollovers(profile: &'static str) {
     let start = run.rollovers();
     run.wait_for(
         "100 rollovers on both gateways",
-        Duration::from_secs(400),
+        Duration::from_secs(600),
         |s| s.rollovers[0].min(s.rollovers[1]) >= start + 100,
     );
     let (ab, ba) = (ab.finish(Duration::from_secs(1)), ba.finish(Duration::ZERO));
     let stalls = run.stall_windows();
     assert!(
         stalls.is_empty(),
-        "the link stalled during rollovers: {stalls:?}"
+        "the link stalled during rollovers: {stalls:?}\n{}",
+        run.bed.logs_tail(60)
     );
     for (dir, r) in [("gw-a -> gw-b", &ab), ("gw-b -> gw-a", &ba)] {
         assert!(r.sent > 10_000, "{dir}: {r:?}");

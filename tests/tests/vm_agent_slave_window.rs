@@ -11,7 +11,6 @@ use qkd_macsec_tests::testbed::{
 };
 
 #[test]
-#[ignore = "needs qkd-macsec-agent run to pass it (issue 6); not yet passing in the VM: cargo xtask vm-run -- <test binary> --ignored"]
 fn slave_missing_the_availability_window_never_breaks_the_link() {
     require_macsec();
     let mut spec = LinkSpec::fast("sak");

@@ -515,18 +515,7 @@ fn xpn_sa_near_pn_2_32_keeps_passing_while_plain_one_stops() {
 ///
 /// Both losses would be the harness's or the kernel's, not the rollover contract's.
 fn pin_to_cpu0() {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity only touch it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        assert_eq!(
-            rc,
-            0,
-            "sched_setaffinity: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    qkd_macsec_tests::pin_to_cpu0().expect("sched_setaffinity to CPU 0");
 }
 
 /// A UDP sequence stream from one namespace to the other; counts distinct arrivals.

@@ -80,63 +80,138 @@ pub fn run(area: &str) -> Result<()> {
             AREAS.join(", ")
         ),
     };
-    for a in &areas {
-        if area_jobs(a).is_empty() {
-            bail!("no benchmarks registered for area {a} yet (add them in xtask/src/bench.rs)");
-        }
-    }
     // Benchmarks measure the optimised build.
     let mut build = Command::new("cargo");
     build
         .args(["build", "--release", "-p", "qkd-macsec-agent"])
-        .args(["-p", "qkd-macsec-tests", "--bin", "qkd-macsec-bench-agent"])
+        // --bin applies to every -p: name both binaries, or the agent's is not built.
+        .args(["-p", "qkd-macsec-tests", "--bin", "qkd-macsec-agent"])
+        .args(["--bin", "qkd-macsec-bench-agent"])
         .current_dir(util::repo_root());
     util::run(&mut build)?;
-    for a in areas {
+    // Every area runs even when an earlier one fails; a failure (or an area with nothing
+    // registered) is an error entry in the report and in results.json, and the exit status.
+    let mut errors: Vec<(String, String)> = Vec::new();
+    for a in &areas {
         eprintln!("[bench] area {a}");
-        for job in area_jobs(a) {
-            let output = match job {
-                Where::Host(argv) => {
-                    let (prog, args) = argv.split_first().context("empty bench command")?;
-                    let mut c = Command::new(prog);
-                    c.args(args)
-                        .current_dir(util::repo_root())
-                        .stderr(Stdio::inherit());
-                    util::stdout(&mut c)?
-                }
-                Where::HostMerges(argv) => {
-                    let (prog, args) = argv.split_first().context("empty bench command")?;
-                    let mut c = Command::new(prog);
-                    c.args(args).current_dir(util::repo_root());
-                    util::run(&mut c)?;
-                    continue;
-                }
-                Where::Vm(body) => {
-                    let job = crate::vm::Job {
-                        cwd: util::repo_root(),
-                        env: crate::vm::passthrough_env(),
-                        body: format!(
-                            "( {body} ) | while IFS= read -r l; do case \"$l\" in \
-                             'bench-result: '*|'bench-json: '*) mark \"$l\";; \
-                             *) echo \"$l\";; esac; done\n"
-                        ),
-                        timeout: crate::vm::timeout(None)?,
-                    };
-                    let out = crate::vm::run_job(&job)?;
-                    if out.status != 0 {
-                        bail!("VM benchmark for {a} exited with status {}", out.status);
-                    }
-                    out.marks.join("\n")
-                }
-            };
-            let results = parse_results(&output)?;
-            if results.is_empty() {
-                bail!("a benchmark of area {a} reported no results");
+        let r = if area_jobs(a).is_empty() {
+            Err(anyhow::anyhow!(
+                "no benchmarks registered for area {a} (add them in xtask/src/bench.rs)"
+            ))
+        } else {
+            run_area(a)
+        };
+        let mut m = BTreeMap::new();
+        match r {
+            Ok(()) => {
+                m.insert(format!("bench.{a}.error"), serde_json::Value::Null);
             }
-            merge(&results)?;
+            Err(e) => {
+                eprintln!("[bench] area {a} FAILED: {e:#}");
+                m.insert(
+                    format!("bench.{a}.error"),
+                    serde_json::json!(format!("{e:#}")),
+                );
+                errors.push((a.to_string(), format!("{e:#}")));
+            }
+        }
+        merge(&m)?;
+    }
+    // Error entries of areas that succeeded now are dropped (null), not kept from earlier runs.
+    drop_nulls()?;
+    let report = crate::report::write_report(&bench_dir(), &errors)?;
+    eprintln!("[bench] results in {}", results_path().display());
+    eprintln!("[bench] report in {}", report.display());
+    if !errors.is_empty() {
+        bail!(
+            "{} benchmark area(s) failed: {}",
+            errors.len(),
+            errors
+                .iter()
+                .map(|(a, _)| a.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn bench_dir() -> PathBuf {
+    util::repo_root().join("target/bench")
+}
+
+fn drop_nulls() -> Result<()> {
+    let path = results_path();
+    let Ok(text) = fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let mut all: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)?;
+    all.retain(|_, v| !v.is_null());
+    fs::write(&path, serde_json::to_string_pretty(&all)? + "\n")?;
+    Ok(())
+}
+
+/// Stores the `bench-samples: {json}` lines of `output` under target/bench/samples/.
+fn store_sample_lines(output: &str) -> Result<()> {
+    for line in output.lines() {
+        if let Some(json) = line.trim().strip_prefix("bench-samples:") {
+            let name = crate::report::store_samples(&bench_dir().join("samples"), json)?;
+            eprintln!("[bench] samples {name}");
         }
     }
-    eprintln!("[bench] results in {}", results_path().display());
+    Ok(())
+}
+
+fn run_area(a: &str) -> Result<()> {
+    for job in area_jobs(a) {
+        let output = match job {
+            Where::Host(argv) => {
+                let (prog, args) = argv.split_first().context("empty bench command")?;
+                let mut c = Command::new(prog);
+                c.args(args)
+                    .current_dir(util::repo_root())
+                    .stderr(Stdio::inherit());
+                util::stdout(&mut c)?
+            }
+            Where::HostMerges(argv) => {
+                let (prog, args) = argv.split_first().context("empty bench command")?;
+                let mut c = Command::new(prog);
+                c.args(args).current_dir(util::repo_root());
+                util::run(&mut c)?;
+                continue;
+            }
+            Where::Vm(body) => {
+                // Files written in the VM are thrown away: sample files the job wrote come
+                // back as `bench-samples:` marks (one JSON object per line).
+                let job = crate::vm::Job {
+                    cwd: util::repo_root(),
+                    env: crate::vm::passthrough_env(),
+                    body: format!(
+                        "touch /tmp/bench-start\n\
+                         ( {body}; echo $? > /tmp/bench-rc ) | while IFS= read -r l; do case \"$l\" in \
+                         'bench-result: '*|'bench-json: '*|'bench-samples: '*) mark \"$l\";; \
+                         *) echo \"$l\";; esac; done\n\
+                         for f in $(find target/bench/samples -name '*.json' -newer /tmp/bench-start 2>/dev/null); do \
+                         mark \"bench-samples: $(tr -d '\\n' < \"$f\")\"; done\n\
+                         # The pipeline's status is the loop's: the benchmark's own comes from the file.\n\
+                         rc=$(cat /tmp/bench-rc 2>/dev/null || echo 125); exit $rc\n"
+                    ),
+                    timeout: crate::vm::timeout(None)?,
+                };
+                let out = crate::vm::run_job(&job)?;
+                if out.status != 0 {
+                    bail!("VM benchmark for {a} exited with status {}", out.status);
+                }
+                out.marks.join("\n")
+            }
+        };
+        store_sample_lines(&output)?;
+        let results = parse_results(&output)?;
+        if results.is_empty() {
+            bail!("a benchmark of area {a} reported no results");
+        }
+        merge(&results)?;
+    }
     Ok(())
 }
 

@@ -7,12 +7,15 @@
 //! - `test`: every check, in order: fmt, clippy, unit tests, loopback integration tests, fuzz smoke run, privileged host tests, VM tests.
 //! - `build-ebpf`: builds the eBPF object alone.
 //! - `demo`: two QKD-keyed MACsec gateways with traffic and a live view (in the VM if needed).
-//! - `bench <area>`: benchmarks, merged into target/bench/results.json.
+//! - `bench [area]`: benchmarks, merged into target/bench/results.json, and the report.
+//! - `package`: the Debian package (target/package/*.deb).
 //! - `fuzz`: the cargo-fuzz targets in fuzz/, each for a time or a number of runs.
 
 mod bench;
 mod demo;
 mod fuzz;
+mod package;
+mod report;
 mod setup;
 mod test;
 mod util;
@@ -100,10 +103,21 @@ enum Cmd {
         #[arg(long)]
         runs: Option<u64>,
     },
-    /// Run the benchmarks of one area (kme, macsec, ebpf, agent) or `all`.
+    /// Run the benchmarks of one area (kme, macsec, ebpf, agent) or all of them (no area), then
+    /// write target/bench/report.md with SVG plots.
     Bench {
-        /// kme, macsec, ebpf, agent or all.
+        /// kme, macsec, ebpf, agent or all (the default).
+        #[arg(default_value = "all")]
         area: String,
+    },
+    /// Render target/bench/report.md and its plots from results.json and samples/ alone.
+    BenchReport,
+    /// Build the Debian package into target/package/ (binary, systemd unit, sample config, man
+    /// pages, docs).
+    Package {
+        /// Package the debug build (faster; for tests) instead of the release build.
+        #[arg(long)]
+        debug: bool,
     },
 }
 
@@ -143,6 +157,13 @@ fn main() -> ExitCode {
             };
             fuzz::run(&targets, budget).map(|_| 0)
         }
+        Cmd::BenchReport => {
+            report::write_report(&util::repo_root().join("target/bench"), &[]).map(|p| {
+                eprintln!("[bench] report in {}", p.display());
+                0
+            })
+        }
+        Cmd::Package { debug } => package::run(!debug).map(|_| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -34,6 +34,14 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ),
     ("tcpdump", "debugging captures"),
     ("xz-utils", "unpacking the VM kernel for a fast direct boot"),
+    (
+        "systemd",
+        "systemd-analyze verify of the packaged unit (host_package)",
+    ),
+    (
+        "man-db",
+        "systemd-analyze verify checks the unit's man: Documentation link",
+    ),
 ];
 
 /// Kernel modules loaded in the VM (dependencies are added from modules.dep). MACsec with gcm(aes)

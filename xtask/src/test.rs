@@ -11,6 +11,9 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use crate::util::{self, cmd, secs};
 use crate::{setup, vm};
 
+/// Time limit of the whole VM stage (one boot), seconds.
+const VM_STAGE_TIMEOUT_SECS: u64 = 3000;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Stage {
     /// cargo fmt --all --check
@@ -191,6 +194,10 @@ fn host(filter: Option<&str>) -> Result<()> {
         bail!("no tests/tests/host_*.rs matched; nothing would be tested");
     }
     build_agent()?;
+    if targets.iter().any(|t| t.contains("package")) {
+        // host_package installs what `cargo xtask package` builds (debug build: same contents).
+        crate::package::run(false)?;
+    }
     let mut c = cargo(&["test", "-p", "qkd-macsec-tests"]);
     for t in &targets {
         c.args(["--test", t]);
@@ -236,7 +243,14 @@ fn vm_stage(filter: Option<&str>) -> Result<()> {
         cwd: manifest_dir,
         env,
         body,
-        timeout: vm::timeout(None)?,
+        // Every VM test binary in one boot, the end-to-end agent tests included (about 20 min
+        // under TCG): QKD_MACSEC_VM_TIMEOUT still overrides this.
+        timeout: vm::timeout(Some(
+            std::env::var("QKD_MACSEC_VM_TIMEOUT")
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(VM_STAGE_TIMEOUT_SECS),
+        ))?,
     };
     let out = vm::run_job(&job)?;
     eprintln!(

@@ -25,7 +25,7 @@ use crate::config::{Link, ProfileKind, Role};
 use crate::keyx::machine::{Event as KxEvent, Keyx, KeyxConfig, LostReason};
 use crate::keyx::wire::{Active, KeyRole, NackReason};
 use crate::keyx::KeyId;
-use crate::profile::{Forget, KeySupply, Params, ProfileError, Sak, SupplyAction};
+use crate::profile::{KeySupply, Params, ProfileError, Sak, SupplyAction};
 use crate::secret::SecretBytes;
 use crate::watchdog::{Action as WdAction, Alarm, KeyRef, Limits, StallReason, Watchdog};
 
@@ -122,6 +122,8 @@ pub struct LinkCore {
     nonce: NonceSource,
     roll: Roll,
     rollover_wanted: bool,
+    /// Roll over as soon as the next fetched key is confirmed (the peer lost its keys).
+    rollover_on_confirm: bool,
     /// The key and AN we transmit with.
     active: Option<(KeyRef, u8)>,
     /// The AN of the last SA we transmitted with (the next rollover uses the one after it, so
@@ -137,6 +139,8 @@ pub struct LinkCore {
     rollovers: u64,
     last_rekey: Option<Duration>,
     alarms: u64,
+    /// AKL warnings raised, for the status socket and metrics (crate::ops).
+    warnings: u64,
     last_report: Option<Report>,
     commands: VecDeque<Command>,
 }
@@ -152,9 +156,14 @@ impl std::fmt::Debug for LinkCore {
     }
 }
 
-/// A snapshot for the status socket and logs (no key material).
+/// A snapshot for the status socket and logs (no key material). The JSON form is a versioned,
+/// documented schema (docs/status.md, [`crate::ops::status::STATUS_SCHEMA_VERSION`]): fields are
+/// only ever added; a rename or removal bumps the version.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Status {
+    pub schema_version: u32,
+    /// `secured`, `warning` (AKL past `warn_at`), `rekeying` (a rollover in progress) or `stalled`.
+    pub state: &'static str,
     pub link: String,
     pub role: &'static str,
     pub profile: &'static str,
@@ -170,11 +179,24 @@ pub struct Status {
     pub alarms: u64,
     pub last_report: Option<String>,
     pub rollover_in_progress: bool,
+    /// The key_ID and AN of the rollover in progress.
+    pub next_key_id: Option<String>,
+    pub next_an: Option<u8>,
+    /// What is left of the active key's lifetime (absent while stalled).
+    pub akl_remaining_seconds: Option<f64>,
+    pub akl_remaining_frames: Option<u64>,
+    /// k of the sak profile (absent in the cak profile).
+    pub key_buffer_capacity: Option<usize>,
+    pub consecutive_fetch_failures: u32,
+    pub warnings: u64,
     /// Keys this gateway switched its TX to since the agent started.
     pub rollovers: u64,
     /// Master: from picking the SAK to both ends transmitting with it; slave: from the
     /// INSTALL to its own switch.
     pub last_rekey_ms: Option<f64>,
+    /// Filled by the IO layer (KME latency, data plane counters).
+    #[serde(flatten)]
+    pub io: crate::ops::status::IoStats,
 }
 
 fn mac_str(m: [u8; 6]) -> String {
@@ -255,6 +277,7 @@ impl LinkCore {
             nonce,
             roll: Roll::Idle,
             rollover_wanted: false,
+            rollover_on_confirm: false,
             active: None,
             last_an: None,
             peer_mac: None,
@@ -264,6 +287,7 @@ impl LinkCore {
             rollovers: 0,
             last_rekey: None,
             alarms: 0,
+            warnings: 0,
             last_report: None,
             commands: VecDeque::new(),
         }
@@ -293,7 +317,28 @@ impl LinkCore {
     }
 
     pub fn status(&self, now: Instant) -> Status {
+        let next = match &self.roll {
+            Roll::Idle => None,
+            Roll::MasterPreparingRx { sak, an }
+            | Roll::MasterInstalling { sak, an }
+            | Roll::MasterActivatingTx { sak, an }
+            | Roll::SlavePreparingRx { sak, an, .. }
+            | Roll::SlaveActivatingTx { sak, an, .. } => Some((sak.key_ref, *an)),
+        };
+        let used = self.wd.used(now);
+        let remaining = self.wd.remaining(now);
+        let state = if self.wd.is_stalled() {
+            "stalled"
+        } else if used.is_some_and(|u| u >= self.wd.limits().warn_at) {
+            "warning"
+        } else if next.is_some() {
+            "rekeying"
+        } else {
+            "secured"
+        };
         Status {
+            schema_version: crate::ops::status::STATUS_SCHEMA_VERSION,
+            state,
             link: self.label.clone(),
             role: match self.role {
                 Role::Master => "master",
@@ -311,15 +356,24 @@ impl LinkCore {
             active_key_id: self.active.map(|(k, _)| k.key_id.to_string()),
             active_kn: self.active.map(|(k, _)| k.kn),
             active_an: self.active.map(|(_, an)| an),
-            used: self.wd.used(now),
+            used,
             keys_held: self.supply.held(),
             anchor: self.keyx.anchor().map(|k| k.to_string()),
             peer_mac: self.peer_mac.map(mac_str),
             alarms: self.alarms,
             last_report: self.last_report.as_ref().map(|r| format!("{r:?}")),
             rollover_in_progress: !matches!(self.roll, Roll::Idle),
+            next_key_id: next.map(|(k, _)| k.key_id.to_string()),
+            next_an: next.map(|(_, an)| an),
+            akl_remaining_seconds: remaining.map(|(t, _)| t.as_secs_f64()),
+            akl_remaining_frames: remaining.map(|(_, f)| f),
+            key_buffer_capacity: (self.kind == ProfileKind::Sak)
+                .then_some(self.supply.params().buffer),
+            consecutive_fetch_failures: self.supply.consecutive_failures(),
+            warnings: self.warnings,
             rollovers: self.rollovers,
             last_rekey_ms: self.last_rekey.map(|d| d.as_secs_f64() * 1e3),
+            io: Default::default(),
         }
     }
 
@@ -463,6 +517,11 @@ impl LinkCore {
                 let _ =
                     self.keyx
                         .installed(kr.key_id, role, kr.kn, an, Err(NackReason::InstallFailed));
+                // The RX SA prepared for this attempt goes too: the master will not use the
+                // key, and a stale SA would block the AN for the next attempt.
+                if let Some(peer_mac) = self.peer_mac {
+                    self.commands.push_back(Command::RetireRx { peer_mac, an });
+                }
                 Roll::Idle
             }
             (other, _) => {
@@ -567,6 +626,9 @@ impl LinkCore {
         if matches!(r, Report::Alarm(_)) {
             self.alarms += 1;
         }
+        if matches!(r, Report::Warn { .. }) {
+            self.warnings += 1;
+        }
         self.last_report = Some(r.clone());
         self.commands.push_back(Command::Report(r));
     }
@@ -624,6 +686,8 @@ impl LinkCore {
             } => {
                 if let Err(e) = self.supply.handle_confirmed(key_id, role, kn, key, now) {
                     tracing::error!(link = %self.label, %key_id, error = %e, "confirmed key not usable");
+                } else if std::mem::take(&mut self.rollover_on_confirm) && self.active.is_some() {
+                    self.rollover_wanted = true;
                 }
             }
             KxEvent::KeyLost { key_id, reason } => {
@@ -665,7 +729,7 @@ impl LinkCore {
                             LostReason::Timeout | LostReason::Refused(NackReason::UnknownKey)
                         );
                         if self.kind == ProfileKind::Cak && peer_lacks_key {
-                            self.supply.forget(Forget::Key(key_id), now);
+                            self.supply.forget(key_id, now);
                         }
                         self.rollover_failed(
                             format!("peer did not install {key_id} KN {kn} at AN {an}: {reason:?}"),
@@ -731,15 +795,16 @@ impl LinkCore {
                     self.peer_reset_holdoff = Some(now + PEER_RESET_HOLDOFF);
                 }
                 // A slave that holds no key while we hold some restarted: it adopted the running
-                // SA but none of our keys reach it any more (its store died with it). Drop them
-                // and re-key with fresh ones rather than let INSTALLs time out one by one. The
-                // slave always holds at least what we hold otherwise (it fetches before it ACKs,
-                // and LLDP keeps the order), and the same hold-off bounds a forged HELLO.
+                // SA, but our held keys died with its memory. Fetch a fresh key now and roll
+                // over to it as soon as the slave confirms it. Nothing held is dropped, so a
+                // forged HELLO costs one QKD key and an early rollover per hold-off, never a
+                // stall. The slave always holds at least what we hold otherwise (it fetches
+                // before it ACKs, and LLDP keeps the order).
                 let due = self.peer_reset_holdoff.is_none_or(|t| now >= t);
                 if self.role == Role::Master && held == 0 && self.supply.held() > 0 && due {
-                    let n = self.supply.forget(Forget::All, now);
-                    tracing::info!(link = %self.label, dropped = n, "peer holds no keys (restarted); re-keying with fresh ones");
-                    self.rollover_wanted |= self.active.is_some();
+                    tracing::info!(link = %self.label, "peer holds no keys (restarted?); re-keying with a fresh one");
+                    self.supply.peer_lost_keys(now);
+                    self.rollover_on_confirm = true;
                     self.peer_reset_holdoff = Some(now + PEER_RESET_HOLDOFF);
                 }
             }

@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 
-use super::core::{Command, FetchedKey, LinkCore, NonceSource, Report, Status};
+use super::core::{Command, FetchedKey, LinkCore, NonceSource, Status};
 use super::record::{self, Adoption, KeyRecord};
 use crate::certs::tls::TlsFiles;
 use crate::config::{Config, Link, Role};
@@ -41,16 +41,19 @@ const LLDP_TTL: u16 = 120;
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Privileges first: without them nothing else can be checked meaningfully, and the
+    // operator should hear about the unit file before anything about the config.
+    let missing =
+        missing_capabilities(&std::fs::read_to_string("/proc/self/status").unwrap_or_default());
+    if !missing.is_empty() {
+        bail!(
+            "qkd-macsec-agent run lacks the capabilities {}: it needs CAP_NET_ADMIN (MACsec, XDP/TC), CAP_BPF and CAP_PERFMON (eBPF programs and maps; CAP_SYS_ADMIN instead on kernels before 5.8) and CAP_NET_RAW (LLDP); run it as root or from the packaged systemd unit",
+            missing.join(", ")
+        );
+    }
     crate::privs::check_config_file(&args.config)?;
     let cfg = Config::load(&args.config)?;
     crate::privs::check_startup_files(&args.config, &cfg)?;
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    if euid != 0 {
-        bail!(
-            "qkd-macsec-agent run needs root (CAP_NET_ADMIN for MACsec, CAP_BPF and CAP_PERFMON for the data plane); effective uid is {euid}"
-        );
-    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -62,7 +65,22 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let statuses: Arc<Mutex<Vec<Option<Status>>>> =
         Arc::new(Mutex::new(vec![None; cfg.link.len()]));
-    let status_task = spawn_status_socket(cfg.global.status_socket.clone(), statuses.clone())?;
+    let status_gid = cfg
+        .global
+        .status_group
+        .as_deref()
+        .map(crate::ops::socket::resolve_group)
+        .transpose()?;
+    let status_task = spawn_status_socket(
+        cfg.global.status_socket.clone(),
+        status_gid,
+        statuses.clone(),
+    )?;
+    let metrics_task = match cfg.global.metrics_address {
+        Some(addr) => Some(crate::ops::metrics::serve(addr, statuses.clone()).await?.1),
+        None => None,
+    };
+    let alarms = crate::ops::alarm::AlarmSink::start(cfg.global.alarm_hook.clone());
     let _drop_caps = crate::privs::spawn_drop_when_started(cfg.link.len());
     let mut tasks = Vec::new();
     for (i, link) in cfg.link.iter().enumerate() {
@@ -70,9 +88,10 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
         let global = cfg.global.clone();
         let stop = stop_rx.clone();
         let statuses = statuses.clone();
+        let alarms = alarms.clone();
         tasks.push(tokio::spawn(async move {
             let label = link.label().to_owned();
-            let r = run_link(i, link, global, stop, statuses).await;
+            let r = run_link(i, link, global, stop, statuses, alarms).await;
             crate::privs::link_ready(i);
             if let Err(e) = &r {
                 tracing::error!(link = %label, error = format!("{e:#}"), "link stopped");
@@ -95,6 +114,9 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
         None => all.await,
     };
     status_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     let _ = std::fs::remove_file(&cfg.global.status_socket);
     let mut first_err = None;
     for r in results {
@@ -124,19 +146,14 @@ async fn futures_join<T>(
     out
 }
 
-/// Serves the statuses as one JSON array per connection.
+/// Serves the statuses as one JSON array per connection (schema: docs/status.md). Mode 0660,
+/// root and `gid` only (crate::ops::socket).
 fn spawn_status_socket(
     path: PathBuf,
+    gid: Option<u32>,
     statuses: Arc<Mutex<Vec<Option<Status>>>>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the status socket directory {}", dir.display()))?;
-    }
-    // A socket left by a previous run would make bind fail with EADDRINUSE.
-    let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path)
-        .with_context(|| format!("binding the status socket {}", path.display()))?;
+    let listener = crate::ops::socket::bind_status_socket(&path, gid)?;
     Ok(tokio::spawn(async move {
         loop {
             let Ok((mut conn, _)) = listener.accept().await else {
@@ -152,10 +169,58 @@ fn spawn_status_socket(
     }))
 }
 
+/// The capabilities `run` needs that the process's effective set (`CapEff:` of
+/// /proc/self/status, given as `status`) lacks, by name. CAP_SYS_ADMIN stands in for CAP_BPF and
+/// CAP_PERFMON, as the kernel accepts it for both.
+fn missing_capabilities(status: &str) -> Vec<&'static str> {
+    const NET_ADMIN: u32 = 12;
+    const NET_RAW: u32 = 13;
+    const SYS_ADMIN: u32 = 21;
+    const PERFMON: u32 = 38;
+    const BPF: u32 = 39;
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |bit: u32| eff & (1u64 << bit) != 0;
+    let mut missing = Vec::new();
+    for (bit, name) in [(NET_ADMIN, "CAP_NET_ADMIN"), (NET_RAW, "CAP_NET_RAW")] {
+        if !has(bit) {
+            missing.push(name);
+        }
+    }
+    for (bit, name) in [(BPF, "CAP_BPF"), (PERFMON, "CAP_PERFMON")] {
+        if !has(bit) && !has(SYS_ADMIN) {
+            missing.push(name);
+        }
+    }
+    missing
+}
+
 /// What a spawned KME request reports back.
 enum KmeResult {
-    Enc(Result<FetchedKey, String>),
-    Dec(KeyId, Result<SecretBytes, NackReason>),
+    Enc(Result<FetchedKey, String>, FetchMeta),
+    Dec(KeyId, Result<SecretBytes, NackReason>, FetchMeta),
+}
+
+/// For the status and metrics: how long a KME request took and its result class.
+struct FetchMeta {
+    latency: Duration,
+    result: &'static str,
+    error: Option<String>,
+}
+
+impl FetchMeta {
+    fn of<T>(started: Instant, r: &Result<T, Etsi014Error>) -> Self {
+        Self {
+            latency: started.elapsed(),
+            result: r
+                .as_ref()
+                .map_or_else(crate::ops::status::fetch_result_class, |_| "ok"),
+            error: r.as_ref().err().map(ToString::to_string),
+        }
+    }
 }
 
 fn nonce_source() -> NonceSource {
@@ -212,6 +277,7 @@ struct LinkIo {
     kme_tx: mpsc::Sender<KmeResult>,
     xpn: bool,
     peer_mac: Option<[u8; 6]>,
+    ops: crate::ops::LinkOps,
     /// AN and kernel key identifier of the TX SA we last switched to (for the record).
     tx_kernel_key_id: Option<(u8, [u8; 16])>,
     state_dir: PathBuf,
@@ -225,6 +291,7 @@ async fn run_link(
     global: crate::config::Global,
     mut stop: watch::Receiver<bool>,
     statuses: Arc<Mutex<Vec<Option<Status>>>>,
+    alarms: crate::ops::alarm::AlarmSink,
 ) -> anyhow::Result<()> {
     let label = link.label().to_owned();
     let mut macsec = Macsec::open().context("opening kernel MACsec")?;
@@ -284,6 +351,7 @@ async fn run_link(
         kme,
         kme_tx,
         xpn: link.cipher.is_xpn(),
+        ops: crate::ops::LinkOps::new(&label, alarms),
         peer_mac: adoption.map(|a| a.peer_mac),
         tx_kernel_key_id: adopted_kid,
         state_dir: global.state_dir.clone(),
@@ -296,7 +364,7 @@ async fn run_link(
         io.execute(&mut core);
         io.record(&core);
         if let Ok(mut s) = statuses.lock() {
-            s[index] = Some(core.status(Instant::now()));
+            s[index] = Some(io.ops.complete(core.status(Instant::now())));
         }
         let wake = core
             .poll_timeout()
@@ -307,8 +375,14 @@ async fn run_link(
                 core.handle_timeout(Instant::now());
             }
             r = kme_rx.recv() => match r {
-                Some(KmeResult::Enc(r)) => core.handle_enc_key(r, Instant::now()),
-                Some(KmeResult::Dec(id, r)) => core.handle_dec_key(id, r, Instant::now()),
+                Some(KmeResult::Enc(r, m)) => {
+                    io.ops.fetch_done("enc_keys", m.result, m.latency, m.error);
+                    core.handle_enc_key(r, Instant::now())
+                }
+                Some(KmeResult::Dec(id, r, m)) => {
+                    io.ops.fetch_done("dec_keys", m.result, m.latency, m.error);
+                    core.handle_dec_key(id, r, Instant::now())
+                }
                 None => bail!("KME result channel closed"),
             },
             ev = events.next() => match ev {
@@ -407,25 +481,23 @@ impl LinkIo {
                     let tx = self.kme_tx.clone();
                     let slave = self.peer_sae.clone();
                     tokio::spawn(async move {
-                        let r = kme
-                            .enc_keys(&slave, 1, Some((size_bytes * 8) as u32))
-                            .await
-                            .map_err(|e| e.to_string())
-                            .and_then(|mut keys| {
-                                let k =
-                                    keys.pop().ok_or_else(|| "KME returned no key".to_owned())?;
-                                let key_id =
-                                    k.id.hyphenated()
-                                        .to_string()
-                                        .parse::<KeyId>()
-                                        .map_err(|e| e.to_string())?;
-                                Ok(FetchedKey {
-                                    key_id,
-                                    key: k.material,
-                                    slave_deadline: k.slave_deadline,
-                                })
-                            });
-                        let _ = tx.send(KmeResult::Enc(r)).await;
+                        let started = Instant::now();
+                        let r = kme.enc_keys(&slave, 1, Some((size_bytes * 8) as u32)).await;
+                        let meta = FetchMeta::of(started, &r);
+                        let r = r.map_err(|e| e.to_string()).and_then(|mut keys| {
+                            let k = keys.pop().ok_or_else(|| "KME returned no key".to_owned())?;
+                            let key_id =
+                                k.id.hyphenated()
+                                    .to_string()
+                                    .parse::<KeyId>()
+                                    .map_err(|e| e.to_string())?;
+                            Ok(FetchedKey {
+                                key_id,
+                                key: k.material,
+                                slave_deadline: k.slave_deadline,
+                            })
+                        });
+                        let _ = tx.send(KmeResult::Enc(r, meta)).await;
                     });
                 }
                 Command::FetchDecKey { key_id, size_bytes } => {
@@ -434,15 +506,16 @@ impl LinkIo {
                     let master = self.peer_sae.clone();
                     tokio::spawn(async move {
                         let uuid = uuid::Uuid::from_bytes(key_id.0);
+                        let started = Instant::now();
                         let r = kme
                             .dec_key(&master, uuid, Some((size_bytes * 8) as u32))
-                            .await
-                            .map(|k| k.material)
-                            .map_err(|e| {
-                                tracing::warn!(%key_id, error = %e, "dec_keys failed");
-                                nack_of(&e)
-                            });
-                        let _ = tx.send(KmeResult::Dec(key_id, r)).await;
+                            .await;
+                        let meta = FetchMeta::of(started, &r);
+                        let r = r.map(|k| k.material).map_err(|e| {
+                            tracing::warn!(%key_id, error = %e, "dec_keys failed");
+                            nack_of(&e)
+                        });
+                        let _ = tx.send(KmeResult::Dec(key_id, r, meta)).await;
                     });
                 }
                 Command::SendTlv(p) => {
@@ -452,27 +525,47 @@ impl LinkIo {
                 }
                 Command::PrepareRx { peer_mac, an, sak } => {
                     self.peer_mac = Some(peer_mac);
+                    let active_an = core.active().map(|(_, a)| a);
+                    let key = sa_key(sak, self.role, false);
                     let r = An::new(an).and_then(|a| {
-                        self.macsec.prepare_rx(
-                            &self.mlink,
-                            sci(peer_mac),
-                            a,
-                            &sa_key(sak, self.role, false),
-                            1,
-                        )
+                        let peer = sci(peer_mac);
+                        match self.macsec.prepare_rx(&self.mlink, peer, a, &key, 1) {
+                            // Left over from a rollover that failed half way (or from before a
+                            // restart). Never the AN we receive on now, so it carries nothing.
+                            Err(macsec::MacsecError::SaOccupied { .. })
+                                if active_an != Some(an) =>
+                            {
+                                tracing::info!(link = %self.label, an, "replacing a stale RX SA");
+                                self.macsec.retire_rx(&self.mlink, peer, a)?;
+                                self.macsec.prepare_rx(&self.mlink, peer, a, &key, 1)
+                            }
+                            r => r,
+                        }
                     });
                     core.handle_rx_prepared(an, r.map(|_| ()).map_err(|e| e.to_string()), now);
                 }
                 Command::ActivateTx { an, sak } => {
                     let kid = macsec::KeyId(sak.kernel_key_id);
                     self.tx_kernel_key_id = Some((an, sak.kernel_key_id));
+                    let active_an = core.active().map(|(_, a)| a);
+                    let key = sa_key(sak, self.role, true);
                     let r = An::new(an).and_then(|a| {
-                        self.macsec.activate_tx(
-                            &mut self.mlink,
-                            a,
-                            &sa_key(sak, self.role, true),
-                            &PeerRxConfirmation::from_peer(a, kid),
-                        )
+                        let confirmed = PeerRxConfirmation::from_peer(a, kid);
+                        match self
+                            .macsec
+                            .activate_tx(&mut self.mlink, a, &key, &confirmed)
+                        {
+                            // A stale TX SA on an AN we do not transmit on: remove, then retry.
+                            Err(macsec::MacsecError::SaOccupied { .. })
+                                if active_an != Some(an) =>
+                            {
+                                tracing::info!(link = %self.label, an, "replacing a stale TX SA");
+                                self.macsec.retire_tx(&self.mlink, a)?;
+                                self.macsec
+                                    .activate_tx(&mut self.mlink, a, &key, &confirmed)
+                            }
+                            r => r,
+                        }
                     });
                     core.handle_tx_activated(an, r.map(|_| ()).map_err(|e| e.to_string()), now);
                 }
@@ -531,18 +624,8 @@ impl LinkIo {
                         let _ = self.dp.unregister_sa(&key);
                     }
                 }
-                Command::Report(r) => match r {
-                    Report::Warn { key, used } => {
-                        tracing::warn!(link = %self.label, key_id = %key.key_id, kn = key.kn, used, "active key lifetime nearly used up")
-                    }
-                    Report::Alarm(a) => tracing::error!(link = %self.label, alarm = ?a, "ALARM"),
-                    Report::CakExpired { key_id } => {
-                        tracing::error!(link = %self.label, %key_id, "ALARM: CAK lifetime over")
-                    }
-                    Report::RolloverFailed { detail } => {
-                        tracing::error!(link = %self.label, %detail, "rollover failed")
-                    }
-                },
+                // Logged with a stable identifier (docs/alarms.md), hook run, status updated.
+                Command::Report(r) => self.ops.report(&r),
             }
         }
     }
@@ -587,6 +670,35 @@ impl LinkIo {
         if self.xpn {
             let _ = self.dp.sync_xpn_upper();
         }
+        self.ops.read_dataplane(&self.dp);
         self.execute(core);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::missing_capabilities;
+
+    #[test]
+    fn capabilities_are_read_from_capeff() {
+        let root = "Name:\tx\nCapEff:\t000001ffffffffff\n";
+        assert!(missing_capabilities(root).is_empty());
+        assert_eq!(
+            missing_capabilities("CapEff:\t0000000000000000\n"),
+            ["CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_BPF", "CAP_PERFMON"]
+        );
+        // NET_ADMIN + NET_RAW + BPF + PERFMON: exactly the packaged unit's set.
+        let unit = format!(
+            "CapEff:\t{:016x}\n",
+            (1u64 << 12) | (1 << 13) | (1 << 38) | (1 << 39)
+        );
+        assert!(missing_capabilities(&unit).is_empty());
+        // CAP_SYS_ADMIN stands in for BPF and PERFMON (kernels before 5.8).
+        let old = format!("CapEff:\t{:016x}\n", (1u64 << 12) | (1 << 13) | (1 << 21));
+        assert!(missing_capabilities(&old).is_empty());
+        assert_eq!(
+            missing_capabilities("garbage"),
+            missing_capabilities("CapEff:\t0\n")
+        );
     }
 }

@@ -82,9 +82,33 @@ pub struct Global {
     /// also clears the kernel's SAs. Default `/run/qkd-macsec-agent/state`.
     pub state_dir: PathBuf,
     /// Address of the Prometheus-style metrics endpoint; absent = disabled (the default).
+    /// Loopback only unless `metrics_allow_remote` (the endpoint has no TLS and no auth).
     pub metrics_address: Option<SocketAddr>,
+    /// Allow a non-loopback `metrics_address`. Default false.
+    pub metrics_allow_remote: bool,
+    /// Group (name or numeric gid) that may read the status socket besides root. Default: none
+    /// (root only). The socket is mode 0660, its directory 0750.
+    pub status_group: Option<String>,
+    /// Command run on every alarm raise and clear (docs/alarms.md). Default: none.
+    pub alarm_hook: Option<AlarmHook>,
     /// `error`, `warn`, `info` (default), `debug` or `trace`. `QKD_MACSEC_LOG` overrides it.
     pub log_level: String,
+}
+
+/// An operator command run on alarms: an argv list (no shell), with the alarm in environment
+/// variables (`QKD_MACSEC_ALARM_ID` etc., docs/alarms.md); never key material.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AlarmHook {
+    /// Program (absolute path) and its arguments.
+    pub command: Vec<String>,
+    /// Kill the hook after this long. Default `10s`.
+    #[serde(default = "default_hook_timeout")]
+    pub timeout: HumanDuration,
+}
+
+fn default_hook_timeout() -> HumanDuration {
+    HumanDuration::from_secs(10)
 }
 
 impl Default for Global {
@@ -94,6 +118,9 @@ impl Default for Global {
             status_socket: PathBuf::from("/run/qkd-macsec-agent/status.sock"),
             state_dir: PathBuf::from("/run/qkd-macsec-agent/state"),
             metrics_address: None,
+            metrics_allow_remote: false,
+            status_group: None,
+            alarm_hook: None,
             log_level: "info".into(),
         }
     }
@@ -439,6 +466,52 @@ impl Config {
                 return Err((
                     name.into(),
                     format!("{} must be an absolute path", p.display()),
+                ));
+            }
+        }
+        if let Some(a) = g.metrics_address {
+            if !a.ip().is_loopback() && !g.metrics_allow_remote {
+                return Err((
+                    "global.metrics_address".into(),
+                    format!(
+                        "{a} is not a loopback address; the metrics endpoint has no TLS or authentication. Use 127.0.0.1 or [::1] (and a reverse proxy), or set global.metrics_allow_remote = true"
+                    ),
+                ));
+            }
+        }
+        if let Some(grp) = &g.status_group {
+            if grp.is_empty()
+                || grp.len() > 32
+                || grp.chars().any(|c| c.is_whitespace() || c == ':')
+            {
+                return Err((
+                    "global.status_group".into(),
+                    format!("{grp:?} is not a group name or gid"),
+                ));
+            }
+        }
+        if let Some(h) = &g.alarm_hook {
+            match h.command.first() {
+                None => {
+                    return Err((
+                        "global.alarm_hook.command".into(),
+                        "is empty; give the program's absolute path and its arguments".into(),
+                    ))
+                }
+                Some(p) if !Path::new(p).is_absolute() => {
+                    return Err((
+                        "global.alarm_hook.command".into(),
+                        format!("{p:?} must be an absolute path (the hook runs without a shell or PATH search)"),
+                    ))
+                }
+                Some(_) => {}
+            }
+            if h.timeout.get() < Duration::from_millis(100)
+                || h.timeout.get() > Duration::from_secs(300)
+            {
+                return Err((
+                    "global.alarm_hook.timeout".into(),
+                    format!("{} must be between 100ms and 5m", h.timeout),
                 ));
             }
         }

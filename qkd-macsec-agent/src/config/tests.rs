@@ -441,3 +441,52 @@ fn cipher_properties() {
     assert_eq!(Cipher::GcmAesXpn256.id(), 0x0080_C200_0100_0004);
     assert_eq!(Cipher::GcmAes128.max_pn(), 0xFFFF_FFFF);
 }
+
+#[test]
+fn ops_options_are_checked() {
+    let ok = Config::parse(
+        &format!(
+            "{MINIMAL}[global]\nmetrics_address = \"127.0.0.1:9464\"\nstatus_group = \"qkd-macsec\"\n[global.alarm_hook]\ncommand = [\"/usr/bin/logger\", \"-t\", \"qkd\"]\n"
+        ),
+        "t",
+    )
+    .unwrap();
+    assert_eq!(ok.global.status_group.as_deref(), Some("qkd-macsec"));
+    let hook = ok.global.alarm_hook.unwrap();
+    assert_eq!(hook.command, ["/usr/bin/logger", "-t", "qkd"]);
+    assert_eq!(hook.timeout.get(), Duration::from_secs(10));
+    rejects(
+        &with("[global]", "metrics_address = \"0.0.0.0:9464\""),
+        "global.metrics_address",
+        "metrics_allow_remote",
+    );
+    let remote = format!(
+        "{MINIMAL}[global]\nmetrics_address = \"0.0.0.0:9464\"\nmetrics_allow_remote = true\n"
+    );
+    assert!(Config::parse(&remote, "t").is_ok());
+    rejects(
+        &with("[global]", "status_group = \"a b\""),
+        "global.status_group",
+        "not a group",
+    );
+    rejects(
+        &format!("{MINIMAL}[global.alarm_hook]\ncommand = []\n"),
+        "global.alarm_hook.command",
+        "is empty",
+    );
+    rejects(
+        &format!("{MINIMAL}[global.alarm_hook]\ncommand = [\"page-me\"]\n"),
+        "global.alarm_hook.command",
+        "absolute path",
+    );
+    rejects(
+        &format!("{MINIMAL}[global.alarm_hook]\ncommand = [\"/bin/true\"]\ntimeout = \"1h\"\n"),
+        "global.alarm_hook.timeout",
+        "between 100ms and 5m",
+    );
+    rejects(
+        &format!("{MINIMAL}[global.alarm_hook]\ncommand = [\"/bin/true\"]\nshell = true\n"),
+        "global.alarm_hook.shell",
+        "unknown field",
+    );
+}

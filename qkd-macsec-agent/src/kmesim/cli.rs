@@ -70,6 +70,10 @@ pub struct SimArgs {
     /// SAE ID attached to kme-b (repeatable).
     #[arg(long = "sae-b", default_values_t = vec!["sae-b".to_string()])]
     pub saes_b: Vec<String>,
+    /// Test facility for leak audits: append every issued key (key_ID and key, hex) to FILE.
+    /// Never use it with keys that protect anything.
+    #[arg(long, hide = true)]
+    pub key_audit_log: Option<PathBuf>,
 }
 
 impl SimArgs {
@@ -93,6 +97,7 @@ impl SimArgs {
             min_key_size: self.min_key_size,
             max_key_size: self.max_key_size,
             prefill: self.prefill,
+            key_audit_log: self.key_audit_log.clone(),
         }
     }
 }

@@ -113,9 +113,16 @@ pub struct Link {
     expiry: VecDeque<(Instant, Uuid)>,
     counters: LinkCounters,
     rng: ring::rand::SystemRandom,
+    /// Test facility: every issued key, hex, one per line (see `--key-audit-log`).
+    audit: Option<std::fs::File>,
 }
 
 impl Link {
+    /// Appends every key issued from now on to `f` (key_ID and key in hex), for leak audits.
+    pub fn set_key_audit(&mut self, f: std::fs::File) {
+        self.audit = Some(f);
+    }
+
     /// A link with an empty pool at `now`.
     pub fn new(params: LinkParams, now: Instant) -> Self {
         Self {
@@ -126,6 +133,7 @@ impl Link {
             expiry: VecDeque::new(),
             counters: LinkCounters::default(),
             rng: ring::rand::SystemRandom::new(),
+            audit: None,
         }
     }
 
@@ -225,6 +233,12 @@ impl Link {
                 .expect("the operating system's random number generator failed");
             let key = SecretBytes::new(bytes);
             let id = Uuid::new_v4();
+            if let Some(f) = self.audit.as_mut() {
+                use std::io::Write as _;
+                let hex: String = key.expose().iter().map(|b| format!("{b:02x}")).collect();
+                // A failed audit write must not look like a clean audit: stop serving.
+                writeln!(f, "{id} {hex}").expect("writing the key audit log");
+            }
             out.push(IssuedKey {
                 id,
                 key: key.duplicate(),

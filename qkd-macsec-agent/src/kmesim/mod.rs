@@ -58,6 +58,9 @@ pub struct SimConfig {
     pub max_key_size: u32,
     /// Start with a full pool instead of an empty one.
     pub prefill: bool,
+    /// Test facility: append every issued key (hex) to this file, so that a leak audit knows
+    /// what to search the agents' output for. Never on a real deployment.
+    pub key_audit_log: Option<std::path::PathBuf>,
 }
 
 impl Default for SimConfig {
@@ -72,6 +75,7 @@ impl Default for SimConfig {
             min_key_size: 64,
             max_key_size: 4096,
             prefill: false,
+            key_audit_log: None,
         }
     }
 }
@@ -265,6 +269,14 @@ impl KmeSim {
         cfg.validate()?;
         let now = Instant::now();
         let mut l = link::Link::new(cfg.link.clone(), now);
+        if let Some(p) = &cfg.key_audit_log {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| SimError::Config(format!("--key-audit-log {}: {e}", p.display())))?;
+            l.set_key_audit(f);
+        }
         if cfg.prefill {
             l.fill(now);
         }

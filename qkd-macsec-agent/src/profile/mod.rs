@@ -320,6 +320,9 @@ struct Held {
     key_id: KeyId,
     kn: u32,
     key: SecretBytes,
+    /// The peer said it holds no key after this one was confirmed (it may have restarted and
+    /// lost it): used only when no fresh key is available, and not counted toward k.
+    suspect: bool,
 }
 
 /// Key supply of one link.
@@ -402,7 +405,9 @@ impl KeySupply {
 
     fn wants_more(&self) -> bool {
         match self.p.kind {
-            ProfileKind::Sak => self.buffer.len() + self.outstanding < self.p.buffer,
+            ProfileKind::Sak => {
+                self.buffer.iter().filter(|h| !h.suspect).count() + self.outstanding < self.p.buffer
+            }
             // One CAK request at a time; a new CAK every interval regardless of how many are
             // held (each replaces the previous for new SAKs).
             ProfileKind::Cak => self.outstanding == 0,
@@ -476,7 +481,12 @@ impl KeySupply {
                 if self.buffer.iter().any(|h| h.key_id == key_id) {
                     return Ok(());
                 }
-                self.buffer.push_back(Held { key_id, kn, key });
+                self.buffer.push_back(Held {
+                    key_id,
+                    kn,
+                    key,
+                    suspect: false,
+                });
                 let cap = self.p.buffer + EXTRA_HELD;
                 while self.buffer.len() > cap {
                     if let Some(old) = self.buffer.pop_front() {
@@ -508,7 +518,9 @@ impl KeySupply {
     pub fn next_sak(&mut self, nonce: &[u8], now: Instant) -> Result<Option<Sak>, ProfileError> {
         match self.p.kind {
             ProfileKind::Sak => {
-                let Some(h) = self.buffer.pop_front() else {
+                // Fresh keys first: a suspect one may be unknown to the peer.
+                let i = self.buffer.iter().position(|h| !h.suspect).unwrap_or(0);
+                let Some(h) = self.buffer.remove(i) else {
                     return Ok(None);
                 };
                 self.evaluate(now);
@@ -591,29 +603,32 @@ impl KeySupply {
         }
     }
 
-    /// Master: the peer does not hold these keys (it restarted and lost them, or refused an
-    /// INSTALL for an unknown key). They are dropped (zeroized) and never offered again; with
-    /// nothing left, a replacement is fetched at once. Returns how many were dropped.
-    pub fn forget(&mut self, which: Forget, now: Instant) -> usize {
+    /// Master: the peer does not hold this key (an INSTALL under it timed out or was refused
+    /// as unknown). It is dropped (zeroized) and never offered again; with nothing left, a
+    /// replacement is fetched at once.
+    pub fn forget(&mut self, key_id: KeyId, now: Instant) {
         let before = self.held();
-        match which {
-            Forget::Key(key_id) => {
-                self.buffer.retain(|h| h.key_id != key_id);
-                self.caks.retain(|c| c.key_id != key_id);
-            }
-            Forget::All => {
-                self.buffer.clear();
-                self.caks.clear();
-            }
-        }
-        let dropped = before - self.held();
-        if dropped > 0 && self.urgent() && self.outstanding == 0 {
+        self.buffer.retain(|h| h.key_id != key_id);
+        self.caks.retain(|c| c.key_id != key_id);
+        if before > self.held() && self.urgent() && self.outstanding == 0 {
             // The peer needs a key now: the failure backoff is about the KME, not the peer.
             self.consecutive_failures = 0;
             self.next_fetch = Some(now);
         }
         self.evaluate(now);
-        dropped
+    }
+
+    /// Master: the peer says it holds no key while we hold some: it restarted and lost them,
+    /// or the message is forged (HELLOs of a restarted peer cannot be authenticated). Nothing
+    /// held is dropped, so a forgery cannot starve the link; a fresh key is fetched at once
+    /// (CAK: it becomes the newest; SAK: the held keys become suspect and are used after it).
+    pub fn peer_lost_keys(&mut self, now: Instant) {
+        for h in &mut self.buffer {
+            h.suspect = true;
+        }
+        self.consecutive_failures = 0;
+        self.next_fetch = Some(now);
+        self.evaluate(now);
     }
 
     /// Whether a key_ID is held (to answer duplicate ANNOUNCEs without a KME request).

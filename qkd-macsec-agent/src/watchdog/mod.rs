@@ -209,6 +209,21 @@ impl Watchdog {
         }
     }
 
+    /// What is left of the active key's lifetime at `now`: time until `max_age` and packet
+    /// numbers (one per frame) until `max_pn`. `None` while stalled. For the status socket and
+    /// metrics; the decisions themselves use [`Watchdog::used`]'s inputs directly.
+    pub fn remaining(&self, now: Instant) -> Option<(Duration, u64)> {
+        match &self.state {
+            State::Active(a) => Some((
+                self.limits
+                    .max_age
+                    .saturating_sub(now.saturating_duration_since(a.since)),
+                self.limits.max_pn.saturating_sub(a.pn),
+            )),
+            State::Stalled(_) => None,
+        }
+    }
+
     fn used_of(&self, a: &ActiveKey, now: Instant) -> f64 {
         let age = now.saturating_duration_since(a.since).as_secs_f64();
         let t = age / self.limits.max_age.as_secs_f64();

@@ -613,3 +613,49 @@ fn an_expired_record_stalls_at_once() {
     assert!(w.kb.stall, "a key past its lifetime is never adopted");
     assert!(w.b.is_stalled());
 }
+
+#[test]
+fn forged_hellos_claiming_the_slave_lost_its_keys_never_stall_the_link() {
+    use crate::keyx::wire::{Body, Message};
+    for profile in ["cak", "sak"] {
+        let mut w = World::new(profile, "gcm-aes-256");
+        w.rate = 100;
+        w.run_for(Duration::from_secs(200));
+        assert!(w.in_sync());
+        let fetched_before = w.issued.len();
+        let rolled_before = w.ka.tx_history.len();
+        // An attacker on the wire repeats an unauthenticated HELLO "slave, no key held"
+        // every 2 s for 10 minutes of simulated time.
+        for i in 0..300u64 {
+            let forged = Message {
+                seq: 1_000_000 + i,
+                sender: "SAE_B".into(),
+                auth: None,
+                body: Body::Hello {
+                    active: None,
+                    held: 0,
+                },
+            }
+            .encode(None)
+            .unwrap();
+            let now = w.now;
+            w.a.handle_tlv(&forged, B_MAC, now);
+            w.settle();
+            w.run_for(Duration::from_secs(2));
+            assert!(
+                !w.ka.stall && !w.kb.stall,
+                "{profile}: a forged HELLO stalled the link after {i} injections"
+            );
+        }
+        assert!(w.in_sync());
+        // The cost is bounded by the 10 s hold-off: at most one extra key and one early
+        // rollover per hold-off on top of the regular schedule.
+        let extra_fetches = w.issued.len() - fetched_before;
+        assert!(
+            extra_fetches <= 600 / 10 + 600 / 60 + 2,
+            "{profile}: {extra_fetches} keys fetched"
+        );
+        assert!(w.ka.tx_history.len() > rolled_before);
+        assert_never_reused(&w.ka);
+    }
+}
