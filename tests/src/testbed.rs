@@ -244,8 +244,19 @@ impl Default for TestbedOptions {
     }
 }
 
+/// The SAE IDs of `links` links: link 0 is sae-a/sae-b, link i > 0 sae-a<i>/sae-b<i> (one SAE
+/// pair per link: the config refuses a pair on two links, key_IDs would be ambiguous).
+pub fn sae_ids(links: usize) -> Vec<String> {
+    let mut v = vec!["sae-a".to_owned(), "sae-b".to_owned()];
+    for i in 1..links {
+        v.push(format!("sae-a{i}"));
+        v.push(format!("sae-b{i}"));
+    }
+    v
+}
+
 /// Appends the `[[link]]` tables of links 1..n (link 0 is [`render_config`]'s own): the same
-/// spec on `wan<i>`/`macsec<i>`.
+/// spec on `wan<i>`/`macsec<i>` with the SAE pair sae-a<i>/sae-b<i>.
 pub fn render_extra_links(text: &str, links: usize) -> String {
     let start = text
         .find("[[link]]")
@@ -256,7 +267,11 @@ pub fn render_extra_links(text: &str, links: usize) -> String {
         let b = block
             .replacen("-link\"", &format!("-link{i}\""), 1)
             .replacen(&format!("\"{LOWER_IF}\""), &format!("\"wan{i}\""), 1)
-            .replacen(&format!("\"{MACSEC_IF}\""), &format!("\"macsec{i}\""), 1);
+            .replacen(&format!("\"{MACSEC_IF}\""), &format!("\"macsec{i}\""), 1)
+            .replace("sae-a\"", &format!("sae-a{i}\""))
+            .replace("sae-b\"", &format!("sae-b{i}\""))
+            .replace("sae-a.", &format!("sae-a{i}."))
+            .replace("sae-b.", &format!("sae-b{i}."));
         out.push('\n');
         out.push_str(&b);
     }
@@ -368,6 +383,11 @@ impl Testbed {
             .args(["certs", "init", "--out"])
             .arg(&certs)
             .args(["--host", "10.201.1.1", "--host", "10.201.2.1"])
+            .args(
+                sae_ids(opts.links)
+                    .iter()
+                    .flat_map(|s| ["--sae".to_owned(), s.clone()]),
+            )
             .stdin(Stdio::null())
             .output()
             .expect("cannot start qkd-macsec-agent certs init");
@@ -411,7 +431,15 @@ impl Testbed {
             let name = format!("wan{i}");
             crate::veth_pair(&bed.gw[0], &name, &bed.gw[1], &name);
         }
-        bed.start_kme(&opts.kme_args);
+        let mut kme_args = opts.kme_args.clone();
+        if bed.links > 1 {
+            // Every SAE pair's A side on kme-a, B side on kme-b.
+            for (j, sae) in sae_ids(bed.links).into_iter().enumerate() {
+                let flag = if j % 2 == 0 { "--sae-a" } else { "--sae-b" };
+                kme_args.extend([flag.to_owned(), sae]);
+            }
+        }
+        bed.start_kme(&kme_args);
         bed
     }
 
@@ -1579,5 +1607,45 @@ impl Running {
             w.extend(s.stalls(Side::B));
             w
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_links_render_a_config_the_agent_accepts() {
+        let files = GatewayFiles {
+            config: "/t/gw.toml".into(),
+            log: "/t/gw.log".into(),
+            status_socket: "/t/gw.sock".into(),
+            bpffs_pin_dir: "/t/bpffs".into(),
+            state_dir: "/t/state".into(),
+        };
+        for side in Side::BOTH {
+            let text = render_extra_links(
+                &render_config(side, &LinkSpec::fast("cak"), Path::new("/t/certs"), &files),
+                3,
+            );
+            let cfg = Config::parse(&text, "t").unwrap_or_else(|e| panic!("{e}\n{text}"));
+            assert_eq!(cfg.link.len(), 3);
+            assert_eq!(cfg.link[2].lower_interface, "wan2");
+            assert_eq!(cfg.link[2].macsec_interface, "macsec2");
+            let (local, peer) = if side == Side::A {
+                ("sae-a2", "sae-b2")
+            } else {
+                ("sae-b2", "sae-a2")
+            };
+            assert_eq!(
+                (
+                    cfg.link[2].local_sae_id.as_str(),
+                    cfg.link[2].peer_sae_id.as_str()
+                ),
+                (local, peer)
+            );
+            assert!(cfg.link[2].kme.cert.ends_with(format!("{local}.pem")));
+        }
+        assert_eq!(sae_ids(2), ["sae-a", "sae-b", "sae-a1", "sae-b1"]);
     }
 }

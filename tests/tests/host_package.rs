@@ -172,7 +172,7 @@ fn package_installs_and_its_unit_verifies() {
     let unit =
         std::fs::read_to_string(root.join("lib/systemd/system/qkd-macsec-agent.service")).unwrap();
     for needed in [
-        "CapabilityBoundingSet=CAP_NET_ADMIN CAP_BPF CAP_PERFMON CAP_NET_RAW",
+        "CapabilityBoundingSet=CAP_NET_ADMIN CAP_BPF CAP_PERFMON CAP_NET_RAW CAP_SETPCAP",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
         "ProtectHome=yes",

@@ -97,7 +97,8 @@ fn forged_and_replayed_tlvs_from_a_third_namespace_are_ignored() {
     let windows = run.stall_windows();
     assert!(
         windows.is_empty(),
-        "the link stalled after injections: {windows:?}"
+        "the link stalled after injections: {windows:?} (injections from {injected_from:?})\n{}",
+        run.bed.logs_tail(80)
     );
     for (dir, r) in [("gw-a -> gw-b", &ab), ("gw-b -> gw-a", &ba)] {
         assert_eq!(r.lost, 0, "{dir}: {r:?}\n{}", run.bed.logs_tail(30));

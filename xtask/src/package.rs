@@ -158,7 +158,7 @@ pub fn run(release: bool) -> Result<PathBuf> {
          Architecture: {arch}\n\
          Maintainer: qkd-macsec maintainers <qkd-macsec@example.invalid>\n\
          Installed-Size: {installed_kib}\n\
-         Depends: libc6 (>= 2.36)\n\
+         Depends: libc6 (>= 2.36), adduser\n\
          Recommends: iproute2\n\
          Section: net\n\
          Priority: optional\n\
@@ -180,7 +180,7 @@ pub fn run(release: bool) -> Result<PathBuf> {
     put(
         &stage,
         "/DEBIAN/postinst",
-        b"#!/bin/sh\nset -e\nif [ \"$1\" = configure ] && [ -z \"$DPKG_ROOT\" ] && [ -d /run/systemd/system ]; then\n    systemctl daemon-reload || true\nfi\nexit 0\n",
+        b"#!/bin/sh\nset -e\nif [ \"$1\" = configure ] && [ -z \"$DPKG_ROOT\" ]; then\n    # The status socket's group (the unit's SupplementaryGroups).\n    getent group qkd-macsec >/dev/null || addgroup --system qkd-macsec\n    if [ -d /run/systemd/system ]; then\n        systemctl daemon-reload || true\n    fi\nfi\nexit 0\n",
         0o755,
     )?;
     put(

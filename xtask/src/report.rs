@@ -127,6 +127,16 @@ fn fmt_num(v: f64) -> String {
     }
 }
 
+/// Two decimals, or three significant digits in exponent form for small ratios (0.00 would hide
+/// a 2000-fold speed-up).
+fn fmt_ratio(r: f64) -> String {
+    if r.abs() >= 0.01 || r == 0.0 {
+        format!("{r:.2}")
+    } else {
+        format!("{r:.2e}")
+    }
+}
+
 /// Renders report.md's text (plots are referenced relative to the report).
 pub fn render_markdown(
     results: &BTreeMap<String, Value>,
@@ -165,7 +175,7 @@ pub fn render_markdown(
                         Some((bk, b)) if b != 0.0 => (
                             fmt_num(x),
                             format!("{} (`{bk}`)", fmt_num(b)),
-                            format!("{:.2}", x / b),
+                            fmt_ratio(x / b),
                         ),
                         _ => (fmt_num(x), String::new(), String::new()),
                     }
@@ -383,12 +393,13 @@ pub fn ratios_svg(rows: &[(String, f64)]) -> String {
         let w = (r / max * pw).max(0.5);
         let _ = writeln!(
             o,
-            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text><rect x=\"{left}\" y=\"{y:.1}\" width=\"{w:.1}\" height=\"16\" fill=\"#4a7fb5\"/><text x=\"{:.1}\" y=\"{:.1}\">{r:.2}</text>",
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text><rect x=\"{left}\" y=\"{y:.1}\" width=\"{w:.1}\" height=\"16\" fill=\"#4a7fb5\"/><text x=\"{:.1}\" y=\"{:.1}\">{}</text>",
             left - 6.0,
             y + 12.0,
             esc(k),
             left + w + 4.0,
-            y + 12.0
+            y + 12.0,
+            fmt_ratio(*r)
         );
     }
     let _ = writeln!(
@@ -530,6 +541,7 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| `macsec.cipher` | gcm-aes-256 |"), "{md}");
+        assert_eq!(fmt_ratio(2.149 / 4086.5), "5.26e-4");
         assert!(
             md.contains("- **macsec**: VM benchmark exited with status 1"),
             "{md}"

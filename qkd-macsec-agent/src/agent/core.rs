@@ -133,6 +133,13 @@ pub struct LinkCore {
     /// Earliest time a peer that reports no active key may trigger another rollover.
     peer_reset_holdoff: Option<Instant>,
     retire_at: Vec<(Instant, u8, [u8; 6])>,
+    /// Old RX SAs (AN, peer, give-up time) whose TX side is retired, kept until the peer is
+    /// known to transmit on the new AN: a slave that switched first must keep accepting the
+    /// master's old SA until the master has switched too, however late its ACK arrives.
+    rx_retire: Vec<(u8, [u8; 6], Instant)>,
+    /// The AN the peer transmits on, as far as we know (its ACK, its authenticated HELLO, or
+    /// frames counted on our RX SA).
+    peer_on_an: Option<u8>,
     /// When the rollover in progress began (master: the SAK was picked; slave: INSTALL).
     roll_started: Option<Instant>,
     /// Keys switched to since start, and how long the last switch took end to end.
@@ -283,6 +290,8 @@ impl LinkCore {
             peer_mac: None,
             peer_reset_holdoff: None,
             retire_at: Vec::new(),
+            rx_retire: Vec::new(),
+            peer_on_an: None,
             roll_started: None,
             rollovers: 0,
             last_rekey: None,
@@ -552,16 +561,44 @@ impl LinkCore {
         let (due, later): (Vec<_>, Vec<_>) =
             self.retire_at.drain(..).partition(|(t, ..)| *t <= now);
         self.retire_at = later;
-        for (_, an, peer_mac) in due {
+        for (t, an, peer_mac) in due {
             // Never retire the AN we transmit with (a rollover may have come back round to it).
             if self.active.map(|(_, a)| a) == Some(an) {
                 continue;
             }
-            self.commands.push_back(Command::UnwatchSa { an, peer_mac });
             self.commands.push_back(Command::RetireTx { an });
+            // A stalled link's exhausted key goes at once (`t` is then `now`); an old key is
+            // accepted until the peer has switched, but never beyond the key's lifetime.
+            let give_up = if self.wd.is_stalled() {
+                now
+            } else {
+                t + self.wd.limits().max_age
+            };
+            self.rx_retire.push((an, peer_mac, give_up));
+        }
+        self.retire_rx_when_peer_switched(now);
+        self.pump(now);
+    }
+
+    /// Frames from the peer were counted on our RX SA at `an`: the peer transmits on it.
+    pub fn handle_peer_rx(&mut self, an: u8, now: Instant) {
+        self.peer_on_an = Some(an);
+        self.retire_rx_when_peer_switched(now);
+        self.pump(now);
+    }
+
+    fn retire_rx_when_peer_switched(&mut self, now: Instant) {
+        let current = self.active.map(|(_, a)| a);
+        let peer_switched = current.is_some() && self.peer_on_an == current;
+        let (go, keep): (Vec<_>, Vec<_>) =
+            self.rx_retire.drain(..).partition(|(an, _, give_up)| {
+                Some(*an) != current && (peer_switched || self.wd.is_stalled() || now >= *give_up)
+            });
+        self.rx_retire = keep;
+        for (an, peer_mac, _) in go {
+            self.commands.push_back(Command::UnwatchSa { an, peer_mac });
             self.commands.push_back(Command::RetireRx { peer_mac, an });
         }
-        self.pump(now);
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
@@ -570,6 +607,7 @@ impl LinkCore {
             self.supply.poll_timeout(),
             self.wd.poll_timeout(),
             self.retire_at.iter().map(|(t, ..)| *t).min(),
+            self.rx_retire.iter().map(|(.., t)| *t).min(),
         ]
         .into_iter()
         .flatten()
@@ -696,6 +734,8 @@ impl LinkCore {
                 self.wd.handle_fetch_outcome(false, now);
             }
             KxEvent::PeerInstalled { key_id, kn, an } => {
+                // The slave ACKs an INSTALL only after switching its TX to `an`.
+                self.peer_on_an = Some(an);
                 let roll = std::mem::replace(&mut self.roll, Roll::Idle);
                 self.roll = match roll {
                     Roll::MasterInstalling { sak, an: a }
@@ -785,6 +825,10 @@ impl LinkCore {
                 authenticated,
             } => {
                 tracing::trace!(link = %self.label, ?active, held, authenticated, "peer status");
+                if let (true, Some(a)) = (authenticated, active.as_ref()) {
+                    self.peer_on_an = Some(a.an);
+                    self.retire_rx_when_peer_switched(now);
+                }
                 // A slave without an active key (it restarted) keeps its side stalled until it
                 // gets a fresh one: roll over now rather than at the next AKL threshold. The
                 // hold-off bounds what a forged HELLO can cost (one key per period).

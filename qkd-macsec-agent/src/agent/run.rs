@@ -663,6 +663,10 @@ impl LinkIo {
                 if let Ok(c) = self.dp.sa_counters(&key) {
                     if c.highest_pn > 0 {
                         core.handle_pn(an, c.highest_pn, now);
+                        if key.direction == Direction::Rx {
+                            // The peer transmits on the new AN: its old RX SA may go.
+                            core.handle_peer_rx(an, now);
+                        }
                     }
                 }
             }

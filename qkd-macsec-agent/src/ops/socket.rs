@@ -28,6 +28,14 @@ pub enum SocketError {
     WorldWritable { path: PathBuf, mode: u32 },
     #[error("status_group {0:?}: no such group; create it (groupadd) or fix global.status_group")]
     NoSuchGroup(String),
+    /// Without CAP_CHOWN a process may only hand a file to a group it is a member of.
+    #[error("cannot give {path} to status_group (gid {gid}): {source}; the agent must be a member of that group (the packaged unit has SupplementaryGroups=qkd-macsec) or have CAP_CHOWN")]
+    Chown {
+        path: PathBuf,
+        gid: u32,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("status socket {path}: {what}: {source}")]
     Io {
         path: PathBuf,
@@ -85,11 +93,15 @@ pub fn bind_status_socket(
     if !dir.exists() {
         std::fs::create_dir_all(dir).map_err(derr)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DIR_MODE)).map_err(derr)?;
-        if let Some(g) = gid {
-            chown(dir, uid, g).map_err(derr)?;
-        }
     }
     let meta = std::fs::metadata(dir).map_err(derr)?;
+    // The group must be able to enter the directory too (systemd's RuntimeDirectory is
+    // root:root). Only a directory of our own is handed over.
+    if let Some(g) = gid {
+        if meta.uid() == uid && meta.gid() != g {
+            chown(dir, uid, g).map_err(|e| chown_err(dir, g, e))?;
+        }
+    }
     let mode = meta.mode() & 0o7777;
     if mode & 0o002 != 0 {
         return Err(SocketError::WorldWritable {
@@ -113,8 +125,18 @@ pub fn bind_status_socket(
     let listener = tokio::net::UnixListener::bind(path).map_err(ioerr("bind"))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
         .map_err(ioerr("chmod"))?;
-    chown(path, uid, gid.unwrap_or_else(|| unsafe { libc::getegid() })).map_err(ioerr("chown"))?;
+    if let Some(g) = gid {
+        chown(path, uid, g).map_err(|e| chown_err(path, g, e))?;
+    }
     Ok(listener)
+}
+
+fn chown_err(path: &Path, gid: u32, source: std::io::Error) -> SocketError {
+    SocketError::Chown {
+        path: path.to_owned(),
+        gid,
+        source,
+    }
 }
 
 #[cfg(test)]

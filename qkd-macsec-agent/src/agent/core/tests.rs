@@ -78,6 +78,9 @@ struct World {
     reports: Vec<(char, Report)>,
     /// Frames per simulated second per direction (drives PN).
     rate: u64,
+    /// Latency of the wire from b to a (slave to master), and what is on its way.
+    delay_b_to_a: Duration,
+    in_flight: Vec<(Instant, Vec<u8>)>,
 }
 
 fn counter_nonce() -> NonceSource {
@@ -115,6 +118,8 @@ impl World {
             wire_up: true,
             reports: Vec::new(),
             rate: 0,
+            delay_b_to_a: Duration::ZERO,
+            in_flight: Vec::new(),
         }
     }
 
@@ -183,7 +188,11 @@ impl World {
             }
             Command::SendTlv(p) => {
                 if self.wire_up {
-                    peer.handle_tlv(&p, mac, now);
+                    if who == 'b' && !self.delay_b_to_a.is_zero() {
+                        self.in_flight.push((now + self.delay_b_to_a, p));
+                    } else {
+                        peer.handle_tlv(&p, mac, now);
+                    }
                 }
             }
             Command::PrepareRx { peer_mac, an, sak } => {
@@ -227,10 +236,14 @@ impl World {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        [self.a.poll_timeout(), self.b.poll_timeout()]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.a.poll_timeout(),
+            self.b.poll_timeout(),
+            self.in_flight.iter().map(|(t, _)| *t).min(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Advances simulated time to `until`, waking at every deadline and once a second (traffic).
@@ -254,6 +267,12 @@ impl World {
                         core.handle_pn(an, k.pn, next);
                     }
                 }
+            }
+            let (arrived, later): (Vec<_>, Vec<_>) =
+                self.in_flight.drain(..).partition(|(t, _)| *t <= next);
+            self.in_flight = later;
+            for (_, p) in arrived {
+                self.a.handle_tlv(&p, B_MAC, next);
             }
             self.a.handle_timeout(next);
             self.b.handle_timeout(next);
@@ -656,6 +675,28 @@ fn forged_hellos_claiming_the_slave_lost_its_keys_never_stall_the_link() {
             "{profile}: {extra_fetches} keys fetched"
         );
         assert!(w.ka.tx_history.len() > rolled_before);
+        assert_never_reused(&w.ka);
+    }
+}
+
+#[test]
+fn a_slow_ack_never_retires_the_masters_old_sa_before_the_master_switches() {
+    // The slave switches first, then ACKs; its ACK takes 3 s to reach the master, longer than
+    // the 2 s retire grace. The slave must keep accepting the master's old SA until the master
+    // has switched (check_invariants: every transmitted key is receivable by the peer).
+    for profile in ["cak", "sak"] {
+        let mut w = World::new(profile, "gcm-aes-256");
+        w.rate = 100;
+        w.run_for(Duration::from_secs(100));
+        assert!(w.in_sync());
+        w.delay_b_to_a = Duration::from_secs(3);
+        let before = w.ka.tx_history.len();
+        w.run_for(Duration::from_secs(1500));
+        assert!(
+            w.ka.tx_history.len() > before + 1,
+            "{profile}: rollovers go on with a slow ACK"
+        );
+        assert!(!w.ka.stall && !w.kb.stall);
         assert_never_reused(&w.ka);
     }
 }
