@@ -14,17 +14,21 @@ use qkd_macsec_agent::privs::{self, mask, proc_caps, RUNTIME_CAPS};
 use qkd_macsec_tests::{agent_bin, require_root};
 
 const CHILD_ENV: &str = "QKD_PRIVS_CHILD";
+/// The packaged systemd unit's CapabilityBoundingSet/AmbientCapabilities: NET_ADMIN, NET_RAW,
+/// PERFMON, BPF.
+const START_CAPS: [u32; 4] = [12, 13, 38, 39];
 
 /// Run only as the child of `capabilities_drop_on_every_thread` (it makes its own process
 /// unprivileged for good).
 #[test]
 #[ignore = "child process of capabilities_drop_on_every_thread"]
 fn child_drops_capabilities() {
-    assert_eq!(
-        std::env::var(CHILD_ENV).as_deref(),
-        Ok("1"),
-        "only the parent test starts this"
-    );
+    let mode = std::env::var(CHILD_ENV).expect("only the parent tests start this");
+    if mode == "nosetpcap" {
+        // Start the way the packaged systemd unit starts the agent: only the four start-up
+        // capabilities, no CAP_SETPCAP, so the bounding set cannot be changed any more.
+        privs::drop_to(&START_CAPS).expect("reduce to the systemd unit's set");
+    }
     // Threads of both kinds the agent has: tokio workers and plain threads, all started before
     // the drop, like the agent's runtime at the end of start-up.
     let (park_tx, park_rx) = std::sync::mpsc::channel::<()>();
@@ -76,6 +80,16 @@ fn child_drops_capabilities() {
 
 #[test]
 fn capabilities_drop_on_every_thread() {
+    drop_in_child("root", mask(&RUNTIME_CAPS));
+}
+
+/// Without CAP_SETPCAP (the systemd unit) the bounding set stays the unit's, the rest is the same.
+#[test]
+fn capabilities_drop_without_setpcap() {
+    drop_in_child("nosetpcap", mask(&START_CAPS));
+}
+
+fn drop_in_child(mode: &str, want_bounding: u64) {
     require_root("dropping capabilities needs them first");
     let exe = std::env::current_exe().unwrap();
     let mut child = Command::new(exe)
@@ -86,7 +100,7 @@ fn capabilities_drop_on_every_thread() {
             "--nocapture",
             "--test-threads=1",
         ])
-        .env(CHILD_ENV, "1")
+        .env(CHILD_ENV, mode)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -123,7 +137,7 @@ fn capabilities_drop_on_every_thread() {
         let c = proc_caps(&format!("{pid}/task/{tid}")).unwrap();
         assert_eq!(c.effective, keep, "thread {tid} CapEff: {c:?}");
         assert_eq!(c.permitted, keep, "thread {tid} CapPrm: {c:?}");
-        assert_eq!(c.bounding, keep, "thread {tid} CapBnd: {c:?}");
+        assert_eq!(c.bounding, want_bounding, "thread {tid} CapBnd: {c:?}");
         assert_eq!((c.inheritable, c.ambient), (0, 0), "thread {tid}: {c:?}");
         assert!(c.no_new_privs, "thread {tid} without no_new_privs: {c:?}");
     }

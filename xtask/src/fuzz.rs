@@ -186,7 +186,7 @@ fn record(outcomes: &[Outcome]) -> Result<()> {
 }
 
 /// `cargo xtask fuzz`: build, run each target with `budget`, record, print; fails on any finding.
-pub fn run(targets: &[String], budget: Budget) -> Result<()> {
+pub fn run(targets: &[String], budget: Budget, build_first: bool) -> Result<()> {
     let chosen: Vec<&str> = if targets.is_empty() {
         TARGETS.to_vec()
     } else {
@@ -201,7 +201,9 @@ pub fn run(targets: &[String], budget: Budget) -> Result<()> {
             .filter(|t| targets.iter().any(|x| x == t))
             .collect()
     };
-    build()?;
+    if build_first {
+        build()?;
+    }
     let mut outcomes = Vec::new();
     for t in &chosen {
         outcomes.push(run_one(t, budget)?);

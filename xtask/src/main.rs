@@ -102,6 +102,9 @@ enum Cmd {
         /// Executions per target.
         #[arg(long)]
         runs: Option<u64>,
+        /// Run the binaries of the last build (while another build is under way, say).
+        #[arg(long)]
+        no_build: bool,
     },
     /// Run the benchmarks of one area (kme, macsec, ebpf, agent) or all of them (no area), then
     /// write target/bench/report.md with SVG plots.
@@ -146,6 +149,18 @@ fn main() -> ExitCode {
             place,
         }),
         Cmd::Bench { area } => bench::run(&area).map(|_| 0),
+        Cmd::Fuzz {
+            targets,
+            seconds,
+            runs,
+            no_build,
+        } => {
+            let budget = match (seconds, runs) {
+                (_, Some(n)) => fuzz::Budget::Runs(n),
+                (s, None) => fuzz::Budget::Seconds(s.unwrap_or(20)),
+            };
+            fuzz::run(&targets, budget, !no_build).map(|_| 0)
+        }
         Cmd::BenchReport => {
             report::write_report(&util::repo_root().join("target/bench"), &[]).map(|p| {
                 eprintln!("[bench] report in {}", p.display());
@@ -153,17 +168,6 @@ fn main() -> ExitCode {
             })
         }
         Cmd::Package { debug } => package::run(!debug).map(|_| 0),
-        Cmd::Fuzz {
-            targets,
-            seconds,
-            runs,
-        } => {
-            let budget = match (seconds, runs) {
-                (_, Some(n)) => fuzz::Budget::Runs(n),
-                (s, None) => fuzz::Budget::Seconds(s.unwrap_or(20)),
-            };
-            fuzz::run(&targets, budget).map(|_| 0)
-        }
     };
     match result {
         Ok(code) => ExitCode::from(code),

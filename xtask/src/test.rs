@@ -86,7 +86,9 @@ pub fn run(only: &[Stage], filter: Option<&str>) -> Result<()> {
             Stage::Clippy => clippy(),
             Stage::Unit => unit(),
             Stage::Integration => integration(filter),
-            Stage::Fuzz => crate::fuzz::run(&[], crate::fuzz::Budget::Seconds(FUZZ_SMOKE_SECONDS)),
+            Stage::Fuzz => {
+                crate::fuzz::run(&[], crate::fuzz::Budget::Seconds(FUZZ_SMOKE_SECONDS), true)
+            }
             Stage::Host => host(filter),
             Stage::Vm => vm_stage(filter),
         };

@@ -430,7 +430,12 @@ impl Config {
         };
         let de = toml::Deserializer::parse(text).map_err(|e| parse_err("(syntax)".into(), &e))?;
         let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = e.path().to_string();
+            // An unknown key at the top level has an empty path (found by the `config` fuzz
+            // target with `"" = 1`): still say where.
+            let field = match e.path().to_string() {
+                p if p.is_empty() || p == "." => "(top level)".to_owned(),
+                p => p,
+            };
             parse_err(field, e.inner())
         })?;
         cfg.validate()

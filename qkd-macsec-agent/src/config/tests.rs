@@ -490,3 +490,14 @@ fn ops_options_are_checked() {
         "unknown field",
     );
 }
+
+/// Regression (fuzz target `config`): an unknown top-level key with an empty name gave the error
+/// "origin: : ..." with no field at all.
+#[test]
+fn unknown_top_level_key_names_the_top_level() {
+    for text in ["\"\" = \"=\"\n", "colour = 1\n"] {
+        let e = Config::parse(text, "t.toml").unwrap_err();
+        assert!(!e.field().is_empty(), "{e}");
+        assert!(!e.to_string().starts_with("t.toml: : "), "{e}");
+    }
+}

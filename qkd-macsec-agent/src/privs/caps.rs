@@ -21,6 +21,7 @@ const SECBIT_NOROOT_LOCKED: libc::c_ulong = 1 << 1;
 const SECBIT_NO_SETUID_FIXUP: libc::c_ulong = 1 << 2;
 const SECBIT_NO_SETUID_FIXUP_LOCKED: libc::c_ulong = 1 << 3;
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+const CAP_SETPCAP: Cap = 8;
 
 #[repr(C)]
 struct CapHeader {
@@ -85,6 +86,8 @@ pub fn mask(caps: &[Cap]) -> u64 {
 // What the signal handler applies; written before any signal is sent.
 static KEEP: AtomicU64 = AtomicU64::new(0);
 static LAST_CAP: AtomicU32 = AtomicU32::new(0);
+/// Whether the bounding set and securebits can be changed (CAP_SETPCAP was effective).
+static SETPCAP: AtomicU32 = AtomicU32::new(0);
 static ACKED: AtomicU32 = AtomicU32::new(0);
 /// errno of the first failure in a handler (0: none), and which step (index into STEPS).
 static FAILED_ERRNO: AtomicI32 = AtomicI32::new(0);
@@ -103,12 +106,34 @@ fn errno() -> i32 {
 
 /// Applies the drop to the calling thread with raw syscalls only (async-signal-safe: it runs in a
 /// signal handler). Returns (step, errno) of the first failure.
-fn apply_on_this_thread(keep: u64, last_cap: u32) -> Result<(), (usize, i32)> {
+///
+/// Without CAP_SETPCAP (e.g. under the packaged systemd unit, whose CapabilityBoundingSet already
+/// holds only the four start-up capabilities) the bounding set and the securebits stay as they
+/// are; no_new_privs alone then keeps an `execve` from regaining anything (the kernel intersects
+/// the new permitted set with the old one).
+fn apply_on_this_thread(keep: u64, last_cap: u32, setpcap: bool) -> Result<(), (usize, i32)> {
     // SAFETY: prctl/capset with integer arguments and a pointer to live stack data.
     unsafe {
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
             return Err((0, errno()));
         }
+        if setpcap {
+            apply_bounding(keep, last_cap)?;
+        }
+        if libc::prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 {
+            return Err((3, errno()));
+        }
+        apply_capset(keep)
+    }
+}
+
+/// Securebits and bounding set (both need CAP_SETPCAP, which the capset afterwards removes).
+///
+/// # Safety
+/// Only raw syscalls; callable from a signal handler.
+unsafe fn apply_bounding(keep: u64, last_cap: u32) -> Result<(), (usize, i32)> {
+    // SAFETY: prctl with integer arguments.
+    unsafe {
         let bits = SECBIT_NOROOT
             | SECBIT_NOROOT_LOCKED
             | SECBIT_NO_SETUID_FIXUP
@@ -124,9 +149,17 @@ fn apply_on_this_thread(keep: u64, last_cap: u32) -> Result<(), (usize, i32)> {
                 return Err((2, errno()));
             }
         }
-        if libc::prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 {
-            return Err((3, errno()));
-        }
+    }
+    Ok(())
+}
+
+/// effective = permitted = `keep`, nothing inheritable.
+///
+/// # Safety
+/// Only a raw syscall; callable from a signal handler.
+unsafe fn apply_capset(keep: u64) -> Result<(), (usize, i32)> {
+    // SAFETY: capset with pointers to live stack data.
+    unsafe {
         let mut hdr = CapHeader {
             version: LINUX_CAPABILITY_VERSION_3,
             pid: 0,
@@ -152,9 +185,11 @@ fn apply_on_this_thread(keep: u64, last_cap: u32) -> Result<(), (usize, i32)> {
 
 extern "C" fn on_signal(_sig: libc::c_int) {
     let saved = errno();
-    if let Err((step, e)) =
-        apply_on_this_thread(KEEP.load(Ordering::SeqCst), LAST_CAP.load(Ordering::SeqCst))
-    {
+    if let Err((step, e)) = apply_on_this_thread(
+        KEEP.load(Ordering::SeqCst),
+        LAST_CAP.load(Ordering::SeqCst),
+        SETPCAP.load(Ordering::SeqCst) != 0,
+    ) {
         if FAILED_ERRNO
             .compare_exchange(0, e.max(1), Ordering::SeqCst, Ordering::SeqCst)
             .is_ok()
@@ -174,12 +209,12 @@ fn io_err(step: impl Into<String>, source: std::io::Error) -> PrivsError {
     }
 }
 
-fn done(c: &ProcCaps, keep: u64) -> bool {
+fn done(c: &ProcCaps, keep: u64, bounding: u64) -> bool {
     c.effective == keep
         && c.permitted == keep
         && c.inheritable == 0
         && c.ambient == 0
-        && c.bounding == keep
+        && c.bounding == bounding
         && c.no_new_privs
 }
 
@@ -202,13 +237,21 @@ pub fn drop_to_runtime() -> Result<(), PrivsError> {
 
 /// [`drop_to_runtime`] with another set (tests).
 pub fn drop_to(caps: &[Cap]) -> Result<(), PrivsError> {
-    let keep = mask(caps);
     let last_cap: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(40);
+    let before =
+        proc_caps("thread-self").map_err(|e| io_err("reading /proc/thread-self/status", e))?;
+    let setpcap = before.effective & (1u64 << CAP_SETPCAP) != 0;
+    // Nothing can be added to the permitted set; keep what of `caps` we have (an agent started
+    // with CAP_SYS_ADMIN instead of CAP_BPF on an old kernel keeps only CAP_NET_ADMIN).
+    let keep = mask(caps) & before.permitted;
+    // The bounding set we end with: `keep` when we may change it, else what we were given.
+    let bounding = if setpcap { keep } else { before.bounding };
     KEEP.store(keep, Ordering::SeqCst);
     LAST_CAP.store(last_cap, Ordering::SeqCst);
+    SETPCAP.store(u32::from(setpcap), Ordering::SeqCst);
     FAILED_ERRNO.store(0, Ordering::SeqCst);
     let sig = libc::SIGRTMIN() + 3;
     // SAFETY: installs a handler that only makes raw syscalls and touches atomics.
@@ -221,7 +264,7 @@ pub fn drop_to(caps: &[Cap]) -> Result<(), PrivsError> {
             return Err(io_err("sigaction", std::io::Error::last_os_error()));
         }
     }
-    apply_on_this_thread(keep, last_cap).map_err(|(step, e)| {
+    apply_on_this_thread(keep, last_cap, setpcap).map_err(|(step, e)| {
         io_err(
             format!("{} on the calling thread", STEPS[step]),
             std::io::Error::from_raw_os_error(e),
@@ -239,7 +282,7 @@ pub fn drop_to(caps: &[Cap]) -> Result<(), PrivsError> {
                 continue;
             }
             match proc_caps(&format!("self/task/{tid}")) {
-                Ok(c) if done(&c, keep) => continue,
+                Ok(c) if done(&c, keep, bounding) => continue,
                 Ok(_) => {}
                 Err(_) => continue, // exited meanwhile
             }
@@ -273,7 +316,7 @@ pub fn drop_to(caps: &[Cap]) -> Result<(), PrivsError> {
         let checks = [
             ("CapEff", c.effective, keep),
             ("CapPrm", c.permitted, keep),
-            ("CapBnd", c.bounding, keep),
+            ("CapBnd", c.bounding, bounding),
             ("CapInh", c.inheritable, 0),
             ("CapAmb", c.ambient, 0),
             ("NoNewPrivs", u64::from(c.no_new_privs), 1),

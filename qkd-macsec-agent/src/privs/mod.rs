@@ -18,9 +18,12 @@
 //! else, including CAP_PERFMON, CAP_NET_RAW, CAP_SYS_ADMIN, CAP_DAC_OVERRIDE and CAP_SETPCAP. The
 //! agent never re-attaches programs at run time: when a lower interface disappears the link stops
 //! with an error (`DataplaneError::InterfaceGone`) and the service manager restarts the agent,
-//! which then starts with full privileges again. `PR_SET_NO_NEW_PRIVS` is set as well, and the
-//! securebits `NOROOT` and `NO_SETUID_FIXUP` are set and locked, so that an `execve` cannot give
-//! uid 0 its capabilities back.
+//! which then starts with full privileges again. `PR_SET_NO_NEW_PRIVS` is set as well (an
+//! `execve`, e.g. of the alarm hook, cannot regain anything), and when the agent holds
+//! CAP_SETPCAP (plain root) the bounding set is cut to the same two and the securebits `NOROOT`
+//! and `NO_SETUID_FIXUP` are set and locked. Under the packaged systemd unit there is no
+//! CAP_SETPCAP; the unit's CapabilityBoundingSet (NET_ADMIN, BPF, PERFMON, NET_RAW) then stays.
+//! An agent that lacks CAP_BPF (CAP_SYS_ADMIN on kernels before 5.8) keeps only CAP_NET_ADMIN.
 //!
 //! Linux keeps capabilities per thread, and the tokio runtime already runs several threads when
 //! start-up ends, so [`drop_to_runtime`] applies the change on every thread of the process (the
