@@ -43,8 +43,9 @@ const LLDP_TTL: u16 = 120;
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // Privileges first: without them nothing else can be checked meaningfully, and the
     // operator should hear about the unit file before anything about the config.
-    let missing =
-        missing_capabilities(&std::fs::read_to_string("/proc/self/status").unwrap_or_default());
+    let missing = crate::privs::missing_for_run(
+        &std::fs::read_to_string("/proc/self/status").unwrap_or_default(),
+    );
     if !missing.is_empty() {
         bail!(
             "qkd-macsec-agent run lacks the capabilities {}: it needs CAP_NET_ADMIN (MACsec, XDP/TC), CAP_BPF and CAP_PERFMON (eBPF programs and maps; CAP_SYS_ADMIN instead on kernels before 5.8) and CAP_NET_RAW (LLDP); run it as root or from the packaged systemd unit",
@@ -167,35 +168,6 @@ fn spawn_status_socket(
             let _ = conn.write_all(b"\n").await;
         }
     }))
-}
-
-/// The capabilities `run` needs that the process's effective set (`CapEff:` of
-/// /proc/self/status, given as `status`) lacks, by name. CAP_SYS_ADMIN stands in for CAP_BPF and
-/// CAP_PERFMON, as the kernel accepts it for both.
-fn missing_capabilities(status: &str) -> Vec<&'static str> {
-    const NET_ADMIN: u32 = 12;
-    const NET_RAW: u32 = 13;
-    const SYS_ADMIN: u32 = 21;
-    const PERFMON: u32 = 38;
-    const BPF: u32 = 39;
-    let eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    let has = |bit: u32| eff & (1u64 << bit) != 0;
-    let mut missing = Vec::new();
-    for (bit, name) in [(NET_ADMIN, "CAP_NET_ADMIN"), (NET_RAW, "CAP_NET_RAW")] {
-        if !has(bit) {
-            missing.push(name);
-        }
-    }
-    for (bit, name) in [(BPF, "CAP_BPF"), (PERFMON, "CAP_PERFMON")] {
-        if !has(bit) && !has(SYS_ADMIN) {
-            missing.push(name);
-        }
-    }
-    missing
 }
 
 /// What a spawned KME request reports back.
@@ -676,33 +648,5 @@ impl LinkIo {
         }
         self.ops.read_dataplane(&self.dp);
         self.execute(core);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::missing_capabilities;
-
-    #[test]
-    fn capabilities_are_read_from_capeff() {
-        let root = "Name:\tx\nCapEff:\t000001ffffffffff\n";
-        assert!(missing_capabilities(root).is_empty());
-        assert_eq!(
-            missing_capabilities("CapEff:\t0000000000000000\n"),
-            ["CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_BPF", "CAP_PERFMON"]
-        );
-        // NET_ADMIN + NET_RAW + BPF + PERFMON: exactly the packaged unit's set.
-        let unit = format!(
-            "CapEff:\t{:016x}\n",
-            (1u64 << 12) | (1 << 13) | (1 << 38) | (1 << 39)
-        );
-        assert!(missing_capabilities(&unit).is_empty());
-        // CAP_SYS_ADMIN stands in for BPF and PERFMON (kernels before 5.8).
-        let old = format!("CapEff:\t{:016x}\n", (1u64 << 12) | (1 << 13) | (1 << 21));
-        assert!(missing_capabilities(&old).is_empty());
-        assert_eq!(
-            missing_capabilities("garbage"),
-            missing_capabilities("CapEff:\t0\n")
-        );
     }
 }

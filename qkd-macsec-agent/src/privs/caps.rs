@@ -9,6 +9,9 @@ use super::PrivsError;
 pub type Cap = u32;
 pub const CAP_NET_ADMIN: Cap = 12;
 pub const CAP_BPF: Cap = 39;
+const CAP_NET_RAW: Cap = 13;
+const CAP_SYS_ADMIN: Cap = 21;
+const CAP_PERFMON: Cap = 38;
 
 /// What the agent keeps after start-up (see the module docs of `privs` for why).
 pub const RUNTIME_CAPS: [Cap; 2] = [CAP_NET_ADMIN, CAP_BPF];
@@ -51,6 +54,33 @@ pub struct ProcCaps {
 /// Parses a `CapEff:`-style hex mask.
 pub fn parse_cap_mask(s: &str) -> Option<u64> {
     u64::from_str_radix(s.trim(), 16).ok()
+}
+
+/// The capabilities `run` needs at start-up that the effective set (`CapEff:` of a /proc status
+/// text) lacks, by name. CAP_SYS_ADMIN stands in for CAP_BPF and CAP_PERFMON, as the kernel
+/// accepts it for both.
+pub fn missing_for_run(status: &str) -> Vec<&'static str> {
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(parse_cap_mask)
+        .unwrap_or(0);
+    let has = |cap: Cap| eff & mask(&[cap]) != 0;
+    let mut missing = Vec::new();
+    for (cap, name) in [
+        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+        (CAP_NET_RAW, "CAP_NET_RAW"),
+    ] {
+        if !has(cap) {
+            missing.push(name);
+        }
+    }
+    for (cap, name) in [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")] {
+        if !has(cap) && !has(CAP_SYS_ADMIN) {
+            missing.push(name);
+        }
+    }
+    missing
 }
 
 /// Reads the capability lines of `/proc/<path>/status`, e.g. `self`, `1234` or
@@ -345,5 +375,25 @@ mod tests {
         // Our own status file has every line the check reads.
         let c = proc_caps("self").unwrap();
         assert_eq!(c.ambient & !c.permitted, 0);
+    }
+
+    #[test]
+    fn capabilities_are_read_from_capeff() {
+        let root = "Name:\tx\nCapEff:\t000001ffffffffff\n";
+        assert!(missing_for_run(root).is_empty());
+        assert_eq!(
+            missing_for_run("CapEff:\t0000000000000000\n"),
+            ["CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_BPF", "CAP_PERFMON"]
+        );
+        // NET_ADMIN + NET_RAW + BPF + PERFMON: exactly the packaged unit's set.
+        let unit = format!(
+            "CapEff:\t{:016x}\n",
+            (1u64 << 12) | (1 << 13) | (1 << 38) | (1 << 39)
+        );
+        assert!(missing_for_run(&unit).is_empty());
+        // CAP_SYS_ADMIN stands in for BPF and PERFMON (kernels before 5.8).
+        let old = format!("CapEff:\t{:016x}\n", (1u64 << 12) | (1 << 13) | (1 << 21));
+        assert!(missing_for_run(&old).is_empty());
+        assert_eq!(missing_for_run("garbage"), missing_for_run("CapEff:\t0\n"));
     }
 }

@@ -36,8 +36,8 @@ mod files;
 mod gate;
 
 pub use caps::{
-    drop_to, drop_to_runtime, mask, parse_cap_mask, proc_caps, Cap, ProcCaps, CAP_BPF,
-    CAP_NET_ADMIN, RUNTIME_CAPS,
+    drop_to, drop_to_runtime, mask, missing_for_run, parse_cap_mask, proc_caps, Cap, ProcCaps,
+    CAP_BPF, CAP_NET_ADMIN, RUNTIME_CAPS,
 };
 pub use files::{check_config_file, check_private_key_file};
 pub use gate::{link_ready, spawn_drop_when_started};
