@@ -55,6 +55,22 @@ pub const MAP_IF_STATS: &str = "QKD_IF_STATS";
 pub const MAP_EVENTS: &str = "QKD_EVENTS";
 /// Size of the event ring buffer in bytes (a power of two, a multiple of the page size).
 pub const EVENTS_BYTES: u32 = 256 * 1024;
+/// `LruHashMap<u64, u64>`: per-source-MAC LLDP rate-limit state (key: the source MAC as in
+/// [`DataplaneConfig::peer_mac`], value: the bucket's theoretical arrival time, see
+/// [`LldpRateLimits`]). Not pinned: rate state need not survive a restart.
+pub const MAP_LLDP_SOURCES: &str = "QKD_LLDP_SOURCES";
+/// Entries of [`MAP_LLDP_SOURCES`]: the LRU evicts the least recently seen source beyond this,
+/// so a flood with rotating source MACs cannot grow kernel memory.
+pub const LLDP_SOURCES_MAX: u32 = 1024;
+/// `Array<u64>`, [`LLDP_BUCKETS`] entries: the shared buckets' theoretical arrival times
+/// ([`LLDP_BUCKET_PEER`], [`LLDP_BUCKET_OTHERS`]). Not pinned.
+pub const MAP_LLDP_BUCKETS: &str = "QKD_LLDP_BUCKETS";
+/// Index in [`MAP_LLDP_BUCKETS`]: the bucket of the known peer's source MAC.
+pub const LLDP_BUCKET_PEER: u32 = 0;
+/// Index in [`MAP_LLDP_BUCKETS`]: the bucket all other sources share (per interface).
+pub const LLDP_BUCKET_OTHERS: u32 = 1;
+/// Entries of [`MAP_LLDP_BUCKETS`].
+pub const LLDP_BUCKETS: u32 = 2;
 
 /// Every map the loader pins per interface (the probe map is not pinned).
 pub const PINNED_MAPS: [&str; 5] = [
@@ -115,6 +131,93 @@ pub const CFG_LLDP_DROP: u32 = 1 << 0;
 /// [`DataplaneConfig::flags`]: stall: drop every frame except LLDP and EAPOL, both directions.
 pub const CFG_STALL: u32 = 1 << 1;
 
+/// One token bucket in GCRA form (the "virtual scheduling" formulation of a token bucket,
+/// ITU-T I.371): a frame at time `now` conforms when the bucket's theoretical arrival time
+/// `tat` satisfies `max(tat, now) - now <= tolerance_ns`; it then moves `tat` to
+/// `max(tat, now) + interval_ns`. That is exactly a bucket of `burst` tokens refilled at
+/// `rate` per second, with `interval_ns = 1e9 / rate` and `tolerance_ns = (burst - 1) *
+/// interval_ns`, kept in one u64 per bucket and computed without a division in the program.
+/// `interval_ns == 0` means unlimited.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Gcra {
+    /// Nanoseconds per token (1e9 / rate); 0 = no limit.
+    pub interval_ns: u64,
+    /// Nanoseconds of credit a bucket may hold beyond one token ((burst - 1) * interval).
+    pub tolerance_ns: u64,
+}
+
+impl Gcra {
+    /// No limit.
+    pub const UNLIMITED: Self = Self {
+        interval_ns: 0,
+        tolerance_ns: 0,
+    };
+
+    /// `rate` frames per second with a burst of `burst` frames (both at least 1; 0 is taken as
+    /// 1). Rates above 1e9/s are unlimited for practical purposes and clamp to 1 ns.
+    pub const fn new(rate_per_sec: u32, burst: u32) -> Self {
+        let rate = if rate_per_sec == 0 { 1 } else { rate_per_sec } as u64;
+        let burst = if burst == 0 { 1 } else { burst } as u64;
+        let interval = 1_000_000_000 / rate;
+        let interval = if interval == 0 { 1 } else { interval };
+        Self {
+            interval_ns: interval,
+            tolerance_ns: (burst - 1) * interval,
+        }
+    }
+
+    /// One frame at `now` (ns) against the bucket state `tat`: whether it conforms, and the
+    /// new state (unchanged when it does not). The program and the unit tests share this.
+    #[inline(always)]
+    pub const fn check(&self, tat: u64, now: u64) -> (bool, u64) {
+        if self.interval_ns == 0 {
+            return (true, tat);
+        }
+        let t = if tat > now { tat } else { now };
+        if t - now > self.tolerance_ns {
+            (false, tat)
+        } else {
+            (true, t + self.interval_ns)
+        }
+    }
+}
+
+/// Rate limits of the project LLDP TLV hand-off to userspace (see [`LldpRateLimits::DEFAULT`]
+/// for the numbers and docs/dataplane.md for the reasoning).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LldpRateLimits {
+    /// Every source MAC other than the peer's, each on its own (LRU map).
+    pub per_source: Gcra,
+    /// All sources other than the peer together, per interface.
+    pub others: Gcra,
+    /// The known peer's source MAC ([`DataplaneConfig::peer_mac`]).
+    pub peer: Gcra,
+}
+
+impl LldpRateLimits {
+    /// Defaults: per source 20/s (burst 40), all non-peer sources 50/s (burst 100), the peer
+    /// 100/s (burst 200). A link's agent sends a HELLO every 1-5 s plus announces, installs and
+    /// ACKs around a rollover: with `sak.buffer` 10 and a 250 ms first retransmission a master
+    /// bootstrapping a link sends about 40 TLVs/s at its peak, so the peer's bucket has 2.5x
+    /// headroom and a not-yet-located peer still gets half its frames through the per-source
+    /// bucket (the exchange retransmits what is dropped). 50/s matches the agent's own limit on
+    /// unauthenticated messages (`keyx.max_rx_per_sec`).
+    pub const DEFAULT: Self = Self {
+        per_source: Gcra::new(20, 40),
+        others: Gcra::new(50, 100),
+        peer: Gcra::new(100, 200),
+    };
+
+    /// No limits at all (tests that need more frames than any sane limit).
+    pub const UNLIMITED: Self = Self {
+        per_source: Gcra::UNLIMITED,
+        others: Gcra::UNLIMITED,
+        peer: Gcra::UNLIMITED,
+    };
+}
+
 /// Per-interface configuration, entry 0 of [`MAP_CONFIG`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,6 +231,12 @@ pub struct DataplaneConfig {
     /// SCI (wire bytes read as a native u64, see [`SaReg::sci`]) for SecTAGs with SC=0 and ES=0,
     /// i.e. the peer's SCI on a point-to-point link. 0: use source MAC + port 1 as for ES=1.
     pub implicit_sci: u64,
+    /// The peer's MAC as the program loads a source MAC: its six wire bytes followed by two
+    /// zero bytes, read as a native u64 ([`mac_key`]). 0: peer not located yet (every source
+    /// goes through the per-source and shared buckets).
+    pub peer_mac: u64,
+    /// Rate limits of the TLV hand-off.
+    pub lldp_limits: LldpRateLimits,
 }
 
 impl DataplaneConfig {
@@ -137,7 +246,16 @@ impl DataplaneConfig {
         lldp_subtype: LLDP_SUBTYPE,
         flags: 0,
         implicit_sci: 0,
+        peer_mac: 0,
+        lldp_limits: LldpRateLimits::DEFAULT,
     };
+}
+
+/// A MAC address in the form the program compares and keys [`MAP_LLDP_SOURCES`] by: the six
+/// wire bytes and two zero bytes, as a native u64.
+#[inline(always)]
+pub const fn mac_key(mac: [u8; 6]) -> u64 {
+    u64::from_ne_bytes([mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0, 0])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -280,10 +398,12 @@ pub enum IfCounter {
     LldpMalformed = 8,
     /// Events (LLDP or PN) the ring buffer had no room for.
     EventsLost = 9,
+    /// Project LLDP TLVs over their source's rate limit (dropped, nothing delivered).
+    LldpRateLimited = 10,
 }
 
 /// Entries of [`MAP_IF_STATS`].
-pub const IF_COUNTERS: u32 = 10;
+pub const IF_COUNTERS: u32 = 11;
 
 // ---------------------------------------------------------------------------------------------
 // Events (ring buffer records)
@@ -336,7 +456,9 @@ pub struct PnEvent {
 }
 
 // Layout pins: a change here is a change of the documented format (docs/dataplane.md).
-const _: () = assert!(core::mem::size_of::<DataplaneConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<Gcra>() == 16);
+const _: () = assert!(core::mem::size_of::<LldpRateLimits>() == 48);
+const _: () = assert!(core::mem::size_of::<DataplaneConfig>() == 72);
 const _: () = assert!(core::mem::size_of::<SaReg>() == 64);
 const _: () = assert!(core::mem::size_of::<SaStats>() == 24);
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
@@ -351,4 +473,65 @@ mod pod {
     unsafe impl aya::Pod for super::SaReg {}
     unsafe impl aya::Pod for super::SaStats {}
     unsafe impl aya::Pod for super::Counter {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Frames of a flood at `every_ns` for `dur_ns`, starting at `start`: how many conform.
+    fn run(g: &Gcra, tat: &mut u64, start: u64, every_ns: u64, dur_ns: u64) -> u64 {
+        let mut ok = 0;
+        let mut t = start;
+        while t < start + dur_ns {
+            let (pass, next) = g.check(*tat, t);
+            *tat = next;
+            ok += u64::from(pass);
+            t += every_ns;
+        }
+        ok
+    }
+
+    #[test]
+    fn gcra_allows_the_burst_then_the_rate() {
+        let g = Gcra::new(20, 40);
+        let mut tat = 0;
+        // 10 s of a 1 MHz flood starting at 5 s after boot: burst + rate * time.
+        let ok = run(&g, &mut tat, 5_000_000_000, 1_000, 10_000_000_000);
+        assert!((40 + 199..=40 + 200).contains(&ok), "{ok}");
+        // Idle for a second refills 20 tokens (plus the fraction left when the flood ended).
+        let ok = run(&g, &mut tat, 16_000_000_000, 1_000, 1_000_000);
+        assert!((20..=21).contains(&ok), "{ok}");
+        // Idle for an hour refills the burst, no more.
+        let ok = run(&g, &mut tat, 3_600_000_000_000, 1_000, 1_000_000);
+        assert_eq!(ok, 40);
+    }
+
+    #[test]
+    fn gcra_passes_traffic_below_the_rate_untouched() {
+        let g = Gcra::new(50, 1);
+        let mut tat = 0;
+        // 40/s for a minute: every frame conforms even with a burst of 1.
+        assert_eq!(run(&g, &mut tat, 1, 25_000_000, 60_000_000_000), 2400);
+    }
+
+    #[test]
+    fn gcra_unlimited_and_degenerate_parameters() {
+        let mut tat = 0;
+        assert_eq!(run(&Gcra::UNLIMITED, &mut tat, 0, 1, 100_000), 100_000);
+        assert_eq!(Gcra::new(0, 0), Gcra::new(1, 1));
+        assert_eq!(Gcra::new(u32::MAX, 1).interval_ns, 1);
+        assert_eq!(Gcra::new(4, 3).tolerance_ns, 500_000_000);
+    }
+
+    #[test]
+    fn mac_key_matches_the_programs_two_loads() {
+        let mac = [0x02, 0x11, 0x22, 0x33, 0x44, 0x55];
+        let lo = u32::from_ne_bytes([mac[0], mac[1], mac[2], mac[3]]) as u64;
+        let hi = u16::from_ne_bytes([mac[4], mac[5]]) as u64;
+        if cfg!(target_endian = "little") {
+            assert_eq!(mac_key(mac), lo | (hi << 32));
+        }
+        assert_ne!(mac_key(mac), 0);
+    }
 }

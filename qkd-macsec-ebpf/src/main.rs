@@ -21,16 +21,17 @@ use core::intrinsics::{atomic_and, atomic_or, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::{__sk_buff, xdp_action, xdp_md},
-    helpers::generated::bpf_xdp_load_bytes,
+    helpers::{bpf_ktime_get_ns, generated::bpf_xdp_load_bytes},
     macros::{classifier, map, xdp},
-    maps::{Array, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
     EbpfContext as _,
 };
 use qkd_macsec_common::{
-    sa_bucket, sa_slot, Counter, DataplaneConfig, IfCounter, LldpEvent, PnEvent, ProbeClass, SaReg,
-    SaStats, CFG_LLDP_DROP, CFG_STALL, ETH_P_LLDP, ETH_P_MACSEC, ETH_P_PAE, EVENTS_BYTES,
-    EVENT_LLDP, EVENT_PN, IF_COUNTERS, LLDP_MAX_TLVS, LLDP_TLV_ORG, MACSEC_ICV_LEN,
+    mac_key, sa_bucket, sa_slot, Counter, DataplaneConfig, Gcra, IfCounter, LldpEvent, PnEvent,
+    ProbeClass, SaReg, SaStats, CFG_LLDP_DROP, CFG_STALL, ETH_P_LLDP, ETH_P_MACSEC, ETH_P_PAE,
+    EVENTS_BYTES, EVENT_LLDP, EVENT_PN, IF_COUNTERS, LLDP_BUCKETS, LLDP_BUCKET_OTHERS,
+    LLDP_BUCKET_PEER, LLDP_MAX_TLVS, LLDP_SOURCES_MAX, LLDP_TLV_ORG, MACSEC_ICV_LEN,
     MACSEC_MIN_NON_SHORT_LEN, PN_THRESHOLDS, PROBE_CLASSES, SA_PROBES, SA_SLOTS, SA_VALID, SA_XPN,
     SL_RESERVED, TCI_AN_MASK, TCI_ES, TCI_SC, TCI_SCB, TCI_V,
 };
@@ -53,6 +54,14 @@ static QKD_IF_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(IF_COU
 
 #[map(name = "QKD_EVENTS")]
 static QKD_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// Per-source LLDP token buckets (GCRA state), bounded by the LRU.
+#[map(name = "QKD_LLDP_SOURCES")]
+static QKD_LLDP_SOURCES: LruHashMap<u64, u64> = LruHashMap::with_max_entries(LLDP_SOURCES_MAX, 0);
+
+/// The peer's and the shared (all other sources) LLDP token buckets.
+#[map(name = "QKD_LLDP_BUCKETS")]
+static QKD_LLDP_BUCKETS: Array<u64> = Array::with_max_entries(LLDP_BUCKETS, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -508,6 +517,16 @@ fn lldp(ctx: &XdpContext, cfg: *const DataplaneConfig, data: usize, end: usize) 
         count(IfCounter::LldpIgnored, frame_len as u64);
         return xdp_action::XDP_PASS;
     }
+    // SAFETY: data..data+14 was checked by the caller.
+    let src = unsafe { mac_key(core::ptr::read_unaligned((data + 6) as *const [u8; 6])) };
+    if !lldp_admit(cfg, src) {
+        // Dropped, not passed: a frame carrying our TLV is only for the agent, and passing the
+        // excess of a flood on would hand the same flood to the stack and to every packet socket
+        // (an LLDP daemon, a capture) instead; an LLDP neighbour's genuine frames come at most
+        // every few seconds and stay far below any limit.
+        count(IfCounter::LldpRateLimited, frame_len as u64);
+        return xdp_action::XDP_DROP;
+    }
     let Some(mut e) = QKD_EVENTS.reserve::<LldpEvent>(0) else {
         count(IfCounter::EventsLost, 0);
         return xdp_action::XDP_PASS;
@@ -534,6 +553,59 @@ fn lldp(ctx: &XdpContext, cfg: *const DataplaneConfig, data: usize, end: usize) 
         xdp_action::XDP_DROP
     } else {
         xdp_action::XDP_PASS
+    }
+}
+
+/// Rate limit of the TLV hand-off: the known peer's source MAC has its own bucket; every other
+/// source passes its own bucket (LRU map, so rotating MACs cannot grow memory) and then the
+/// bucket all of them share on this interface, which bounds a flood with rotating spoofed MACs
+/// without touching the peer's bucket.
+///
+/// The buckets are read and written without atomics: two CPUs handling frames at the same
+/// moment may both read the same state and both conform, granting a frame or two beyond the
+/// limit. That is benign (the bound stays proportional to the CPUs, not to the flood), and an
+/// exact update would need a compare-and-swap loop the verifier makes awkward for no gain.
+#[inline(always)]
+fn lldp_admit(cfg: *const DataplaneConfig, src: u64) -> bool {
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: valid map value pointer; a torn read while the agent rewrites it is harmless.
+    let (peer, limits) = unsafe { ((*cfg).peer_mac, (*cfg).lldp_limits) };
+    if peer != 0 && src == peer {
+        return shared_bucket(LLDP_BUCKET_PEER, &limits.peer, now);
+    }
+    match QKD_LLDP_SOURCES.get_ptr_mut(&src) {
+        Some(tat) => {
+            // SAFETY: valid map value pointer (see above for the race).
+            let (ok, next) = limits.per_source.check(unsafe { *tat }, now);
+            if !ok {
+                return false;
+            }
+            // SAFETY: as above.
+            unsafe { *tat = next };
+        }
+        None => {
+            // A new source conforms (its bucket is full). Should the insert fail, the shared
+            // bucket below still bounds it.
+            let (_, next) = limits.per_source.check(0, now);
+            let _ = QKD_LLDP_SOURCES.insert(&src, &next, 0);
+        }
+    }
+    shared_bucket(LLDP_BUCKET_OTHERS, &limits.others, now)
+}
+
+#[inline(always)]
+fn shared_bucket(index: u32, g: &Gcra, now: u64) -> bool {
+    let Some(tat) = QKD_LLDP_BUCKETS.get_ptr_mut(index) else {
+        return false;
+    };
+    // SAFETY: valid map value pointer; see lldp_admit for the race.
+    unsafe {
+        let (ok, next) = g.check(*tat, now);
+        if ok {
+            *tat = next;
+        }
+        ok
     }
 }
 

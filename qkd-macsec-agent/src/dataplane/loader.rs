@@ -4,7 +4,7 @@ use std::ffi::CString;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, MapData, PerCpuArray, PerCpuValues, RingBuf};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttach, TcHandle};
 use aya::programs::xdp::XdpLink;
@@ -12,9 +12,9 @@ use aya::programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use qkd_macsec_common::{
-    Counter, DataplaneConfig, IfCounter, SaReg, SaStats, CFG_LLDP_DROP, CFG_STALL, MAP_CONFIG,
-    MAP_EVENTS, MAP_IF_STATS, MAP_SA_REG, MAP_SA_STATS, PINNED_MAPS, PN_THRESHOLDS, PROG_TC,
-    PROG_XDP, SA_PROBES, SA_SLOTS, SA_VALID, SA_XPN,
+    mac_key, Counter, DataplaneConfig, IfCounter, LldpRateLimits, SaReg, SaStats, CFG_LLDP_DROP,
+    CFG_STALL, MAP_CONFIG, MAP_EVENTS, MAP_IF_STATS, MAP_LLDP_SOURCES, MAP_SA_REG, MAP_SA_STATS,
+    PINNED_MAPS, PN_THRESHOLDS, PROG_TC, PROG_XDP, SA_PROBES, SA_SLOTS, SA_VALID, SA_XPN,
 };
 
 use super::events::EventStream;
@@ -100,6 +100,7 @@ pub struct Dataplane {
     sa_reg: Array<MapData, SaReg>,
     sa_stats: PerCpuArray<MapData, SaStats>,
     if_stats: PerCpuArray<MapData, Counter>,
+    lldp_sources: HashMap<MapData, u64, u64>,
     events: Option<RingBuf<MapData>>,
     nr_cpus: usize,
     // Last: programs stay loaded while the maps above are used.
@@ -171,6 +172,7 @@ impl Dataplane {
         let sa_reg = take(&mut ebpf, MAP_SA_REG)?;
         let sa_stats = take(&mut ebpf, MAP_SA_STATS)?;
         let if_stats = take(&mut ebpf, MAP_IF_STATS)?;
+        let lldp_sources = take(&mut ebpf, MAP_LLDP_SOURCES)?;
         let events = RingBuf::try_from(
             ebpf.take_map(MAP_EVENTS)
                 .ok_or_else(|| missing_map(MAP_EVENTS))?,
@@ -196,6 +198,7 @@ impl Dataplane {
             sa_reg,
             sa_stats,
             if_stats,
+            lldp_sources,
             events: Some(events),
             nr_cpus,
             _ebpf: ebpf,
@@ -491,6 +494,35 @@ impl Dataplane {
         self.put_config(cfg)
     }
 
+    /// Rate limits of the project TLV hand-off (see [`LldpRateLimits`]); applies from the next
+    /// frame on.
+    pub fn set_lldp_rate_limits(&mut self, limits: LldpRateLimits) -> Result<(), DataplaneError> {
+        let mut cfg = self.get_config()?;
+        cfg.lldp_limits = limits;
+        self.put_config(cfg)
+    }
+
+    /// The located peer's source MAC, which gets its own rate-limit bucket so that a flood from
+    /// other sources cannot starve it; `None` while the peer is unknown.
+    pub fn set_lldp_peer(&mut self, peer: Option<[u8; 6]>) -> Result<(), DataplaneError> {
+        let mut cfg = self.get_config()?;
+        cfg.peer_mac = peer.map_or(0, mac_key);
+        self.put_config(cfg)?;
+        tracing::debug!(ifname = %self.ifname, ?peer, "LLDP peer bucket set");
+        Ok(())
+    }
+
+    /// How many source MACs the per-source LLDP rate limiter tracks right now (at most
+    /// [`qkd_macsec_common::LLDP_SOURCES_MAX`]: the map is an LRU).
+    pub fn lldp_sources_tracked(&self) -> Result<usize, DataplaneError> {
+        let mut n = 0;
+        for k in self.lldp_sources.keys() {
+            k.map_err(|e| self.map_error(MAP_LLDP_SOURCES, &e))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// The SCI to assume for SecTAGs with neither SC nor ES set (the peer's SCI on a
     /// point-to-point link); `None` falls back to source MAC + port 1.
     pub fn set_implicit_sci(&mut self, sci: Option<Sci>) -> Result<(), DataplaneError> {
@@ -681,6 +713,7 @@ impl Dataplane {
             lldp_ignored: get(IfCounter::LldpIgnored)?,
             lldp_malformed: get(IfCounter::LldpMalformed)?,
             events_lost: get(IfCounter::EventsLost)?,
+            lldp_rate_limited: get(IfCounter::LldpRateLimited)?,
         })
     }
 

@@ -108,6 +108,7 @@ pub struct IfCounters {
     pub lldp_ignored: Counter,
     pub lldp_malformed: Counter,
     pub events_lost: Counter,
+    pub lldp_rate_limited: Counter,
 }
 
 pub(crate) fn sum_counters<'a>(per_cpu: impl IntoIterator<Item = &'a Counter>) -> Counter {

@@ -19,7 +19,9 @@ pub use bench::{run_benchmark, BenchResult};
 pub use events::{DataplaneEvent, EventStream, LldpTlvEvent, PnCrossing};
 pub use loader::{Dataplane, DataplaneOptions, TcBackend, XdpAttachMode};
 pub use maps::{IfCounters, SaCounters, SaKey, SaSlot, Sci};
-pub use qkd_macsec_common::{Counter, Direction, PN_THRESHOLDS};
+pub use qkd_macsec_common::{
+    Counter, Direction, Gcra, LldpRateLimits, LLDP_SOURCES_MAX, PN_THRESHOLDS,
+};
 
 /// What went wrong in the data plane, in terms a caller can act on.
 #[derive(Debug, thiserror::Error)]
