@@ -249,6 +249,8 @@ struct LinkIo {
     kme_tx: mpsc::Sender<KmeResult>,
     xpn: bool,
     peer_mac: Option<[u8; 6]>,
+    /// The peer MAC the data plane's rate limiter gives its own bucket (see `sync_lldp_peer`).
+    dp_peer: Option<[u8; 6]>,
     ops: crate::ops::LinkOps,
     /// AN and kernel key identifier of the TX SA we last switched to (for the record).
     tx_kernel_key_id: Option<(u8, [u8; 16])>,
@@ -289,6 +291,14 @@ async fn run_link(
     let oui = link.lldp.oui_bytes();
     dp.set_lldp_filter(oui, link.lldp.subtype, true)
         .context("configuring the LLDP filter")?;
+    // Flood resistance: XDP rate-limits the TLVs it hands up (docs/dataplane.md), so neither
+    // the ring buffer consumer below nor the key exchange's tag checks see more than these
+    // rates, whatever arrives on the wire.
+    dp.set_lldp_rate_limits(link.lldp.rate_limits())
+        .context("configuring the LLDP rate limits")?;
+    let adopted_peer = adoption.map(|a| a.peer_mac);
+    dp.set_lldp_peer(adopted_peer)
+        .context("configuring the LLDP peer bucket")?;
     let mut events = dp.take_events().context("opening data plane events")?;
     let lldp = LldpSender::open(&link.lower_interface)
         .with_context(|| format!("opening the LLDP sender on {}", link.lower_interface))?;
@@ -324,7 +334,8 @@ async fn run_link(
         kme_tx,
         xpn: link.cipher.is_xpn(),
         ops: crate::ops::LinkOps::new(&label, alarms),
-        peer_mac: adoption.map(|a| a.peer_mac),
+        peer_mac: adopted_peer,
+        dp_peer: adopted_peer,
         tx_kernel_key_id: adopted_kid,
         state_dir: global.state_dir.clone(),
         recorded: None,
@@ -334,6 +345,7 @@ async fn run_link(
     let mut poll = tokio::time::interval(POLL_INTERVAL);
     loop {
         io.execute(&mut core);
+        io.sync_lldp_peer(&core);
         io.record(&core);
         if let Ok(mut s) = statuses.lock() {
             s[index] = Some(io.ops.complete(core.status(Instant::now())));
@@ -419,6 +431,22 @@ fn adoption(
 }
 
 impl LinkIo {
+    /// Gives the peer's MAC its own rate-limit bucket in XDP as soon as the core located the
+    /// peer (it does so only on an authenticated message, so a forged source MAC cannot claim
+    /// the bucket).
+    fn sync_lldp_peer(&mut self, core: &LinkCore) {
+        let peer = core.peer_mac();
+        if peer == self.dp_peer || peer.is_none() {
+            return;
+        }
+        match self.dp.set_lldp_peer(peer) {
+            Ok(()) => self.dp_peer = peer,
+            Err(e) => {
+                tracing::warn!(link = %self.label, error = %e, "cannot give the peer its LLDP rate-limit bucket; its TLVs share the others' bucket")
+            }
+        }
+    }
+
     /// Keeps the record of the active key in step with the core: written when a key becomes
     /// active, removed when none is (stalled), so a restart adopts exactly what is running.
     fn record(&mut self, core: &LinkCore) {

@@ -329,13 +329,38 @@ pub struct Lldp {
     pub oui: String,
     /// Organizationally defined subtype. Default 1.
     pub subtype: u8,
+    /// TLVs per second the data plane hands to the agent from one source MAC other than the
+    /// located peer's; the excess is dropped in XDP. Default 20.
+    pub rate_per_source: u32,
+    /// Burst of `rate_per_source`. Default 40.
+    pub burst_per_source: u32,
+    /// TLVs per second from all sources other than the located peer together (per link).
+    /// Default 50.
+    pub rate_others: u32,
+    /// Burst of `rate_others`. Default 100.
+    pub burst_others: u32,
+    /// TLVs per second from the located peer's MAC (its own bucket, so that a flood from other
+    /// sources cannot starve it). Default 100.
+    pub rate_peer: u32,
+    /// Burst of `rate_peer`. Default 200.
+    pub burst_peer: u32,
 }
+
+/// Largest rate or burst accepted for the LLDP limits: far above what the exchange sends, low
+/// enough that a typo (an extra few zeros) is caught.
+pub const MAX_LLDP_RATE: u32 = 100_000;
 
 impl Default for Lldp {
     fn default() -> Self {
         Self {
             oui: "5a:51:4b".into(),
             subtype: qkd_macsec_common::LLDP_SUBTYPE,
+            rate_per_source: 20,
+            burst_per_source: 40,
+            rate_others: 50,
+            burst_others: 100,
+            rate_peer: 100,
+            burst_peer: 200,
         }
     }
 }
@@ -344,6 +369,16 @@ impl Lldp {
     /// The OUI as three bytes. Only valid after [`Config::validate`].
     pub fn oui_bytes(&self) -> [u8; 3] {
         parse_oui(&self.oui).unwrap_or([0; 3])
+    }
+
+    /// The data plane's rate limits (docs/dataplane.md).
+    pub fn rate_limits(&self) -> qkd_macsec_common::LldpRateLimits {
+        use qkd_macsec_common::Gcra;
+        qkd_macsec_common::LldpRateLimits {
+            per_source: Gcra::new(self.rate_per_source, self.burst_per_source),
+            others: Gcra::new(self.rate_others, self.burst_others),
+            peer: Gcra::new(self.rate_peer, self.burst_peer),
+        }
     }
 }
 
@@ -779,6 +814,37 @@ fn validate_link(l: &Link, f: &dyn Fn(&str) -> String) -> Result<(), (String, St
             format!(
                 "{:?} is not an OUI; write three hex bytes like \"5a:51:4b\"",
                 l.lldp.oui
+            ),
+        ));
+    }
+
+    for (name, v) in [
+        ("lldp.rate_per_source", l.lldp.rate_per_source),
+        ("lldp.burst_per_source", l.lldp.burst_per_source),
+        ("lldp.rate_others", l.lldp.rate_others),
+        ("lldp.burst_others", l.lldp.burst_others),
+        ("lldp.rate_peer", l.lldp.rate_peer),
+        ("lldp.burst_peer", l.lldp.burst_peer),
+    ] {
+        if v == 0 {
+            return Err((
+                f(name),
+                "0 would drop every key-exchange TLV; use at least 1".into(),
+            ));
+        }
+        if v > MAX_LLDP_RATE {
+            return Err((
+                f(name),
+                format!("{v} is above the maximum of {MAX_LLDP_RATE}; the exchange sends a few TLVs per second"),
+            ));
+        }
+    }
+    if l.lldp.rate_per_source > l.lldp.rate_others {
+        return Err((
+            f("lldp.rate_per_source"),
+            format!(
+                "{} must not exceed lldp.rate_others ({}): one source cannot get more than all of them together",
+                l.lldp.rate_per_source, l.lldp.rate_others
             ),
         ));
     }

@@ -62,6 +62,12 @@ fn sample_documents_the_real_defaults() {
     assert_eq!(s0.cak.tolerated_failures, m0.cak.tolerated_failures);
     assert_eq!(s0.lldp.oui, m0.lldp.oui);
     assert_eq!(s0.lldp.subtype, m0.lldp.subtype);
+    assert_eq!(s0.lldp.rate_limits(), m0.lldp.rate_limits());
+    assert_eq!(
+        m0.lldp.rate_limits(),
+        qkd_macsec_common::LldpRateLimits::DEFAULT,
+        "the config's defaults are the data plane's"
+    );
     assert_eq!(s0.keyx.retransmit_initial, m0.keyx.retransmit_initial);
     assert_eq!(s0.keyx.retransmit_max, m0.keyx.retransmit_max);
     assert_eq!(s0.keyx.hello_interval, m0.keyx.hello_interval);
@@ -390,6 +396,36 @@ fn malformed_files_name_the_field() {
             with("[link.keyx]", "max_rx_per_sec = 0"),
             "link[0].keyx.max_rx_per_sec",
             "at least 1",
+        ),
+        (
+            with("[link.lldp]", "rate_per_source = 0"),
+            "link[0].lldp.rate_per_source",
+            "at least 1",
+        ),
+        (
+            with("[link.lldp]", "burst_others = 0"),
+            "link[0].lldp.burst_others",
+            "at least 1",
+        ),
+        (
+            with("[link.lldp]", "burst_peer = 1000000"),
+            "link[0].lldp.burst_peer",
+            "above the maximum of 100000",
+        ),
+        (
+            with("[link.lldp]", "rate_peer = 100001"),
+            "link[0].lldp.rate_peer",
+            "above the maximum",
+        ),
+        (
+            with("[link.lldp]", "rate_per_source = 60"),
+            "link[0].lldp.rate_per_source",
+            "must not exceed lldp.rate_others (50)",
+        ),
+        (
+            with("[link.lldp]", "rate_others = -1"),
+            "link[0].lldp.rate_others",
+            "",
         ),
     ];
     for (text, field, fragment) in cases {

@@ -234,6 +234,11 @@ pub fn render(v: &[Option<StatusView>], now_unix: f64) -> String {
             "  counters    rollovers {}, warnings {}, alarms {}, stall drops rx {} tx {}",
             s.rollovers, s.warnings, s.alarms, s.io.stall_drops_rx, s.io.stall_drops_tx
         );
+        let _ = writeln!(
+            o,
+            "  lldp        TLVs delivered {}, rate-limited {}, events lost {}",
+            s.io.lldp_delivered, s.io.lldp_rate_limited, s.io.events_lost
+        );
         for sa in &s.io.sas {
             let _ = writeln!(
                 o,

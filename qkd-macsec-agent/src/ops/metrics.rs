@@ -261,6 +261,35 @@ pub fn render(statuses: &[Option<Status>]) -> String {
         }
     }
     o.head(
+        "qkd_macsec_lldp_tlv_frames_total",
+        "counter",
+        "Key-exchange LLDP TLVs at XDP: delivered to the agent or dropped over the rate limit.",
+    );
+    for s in &links {
+        for (result, v) in [
+            ("delivered", s.io.lldp_delivered),
+            ("rate_limited", s.io.lldp_rate_limited),
+        ] {
+            o.sample(
+                "qkd_macsec_lldp_tlv_frames_total",
+                &[("link", &s.link), ("result", result)],
+                v as f64,
+            );
+        }
+    }
+    o.head(
+        "qkd_macsec_dataplane_events_lost_total",
+        "counter",
+        "Data plane events (LLDP TLVs, PN crossings) the ring buffer had no room for.",
+    );
+    for s in &links {
+        o.sample(
+            "qkd_macsec_dataplane_events_lost_total",
+            &[("link", &s.link)],
+            s.io.events_lost as f64,
+        );
+    }
+    o.head(
         "qkd_macsec_alarm_active",
         "gauge",
         "1 for each alarm currently raised on the link (id = QKDMACSEC-...; docs/alarms.md).",
@@ -509,6 +538,26 @@ mod tests {
                 &[("link", "site-a"), ("direction", "rx")]
             ),
             Some(7.0)
+        );
+        assert_eq!(
+            find(
+                &s,
+                "qkd_macsec_lldp_tlv_frames_total",
+                &[("link", "site-a"), ("result", "rate_limited")]
+            ),
+            Some(19_960.0)
+        );
+        assert_eq!(
+            find(
+                &s,
+                "qkd_macsec_lldp_tlv_frames_total",
+                &[("link", "site-a"), ("result", "delivered")]
+            ),
+            Some(40.0)
+        );
+        assert_eq!(
+            find(&s, "qkd_macsec_dataplane_events_lost_total", &l),
+            Some(2.0)
         );
         assert_eq!(
             find(&s, "qkd_macsec_alarm_active", &[("id", "QKDMACSEC-W001")]),

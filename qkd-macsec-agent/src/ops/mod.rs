@@ -61,6 +61,9 @@ impl LinkOps {
         if let Ok(c) = dp.if_counters() {
             self.io.stall_drops_rx = c.rx_stall_drop.frames;
             self.io.stall_drops_tx = c.tx_stall_drop.frames;
+            self.io.lldp_delivered = c.lldp_delivered.frames;
+            self.io.lldp_rate_limited = c.lldp_rate_limited.frames;
+            self.io.events_lost = c.events_lost.frames;
         }
         if let Ok(sas) = dp.registered_sas() {
             self.io.sas = sas

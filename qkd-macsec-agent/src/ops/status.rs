@@ -102,6 +102,15 @@ pub struct IoStats {
     /// Frames the data plane dropped because the link was stalled.
     pub stall_drops_rx: u64,
     pub stall_drops_tx: u64,
+    /// Project LLDP TLVs the data plane handed to the agent.
+    #[serde(default)]
+    pub lldp_delivered: u64,
+    /// Project LLDP TLVs the data plane dropped over their rate limit (flood resistance).
+    #[serde(default)]
+    pub lldp_rate_limited: u64,
+    /// Data plane events (LLDP or PN) the ring buffer had no room for.
+    #[serde(default)]
+    pub events_lost: u64,
     pub sas: Vec<SaStat>,
     /// The last error the link met (KME, kernel, rollover), with its Unix time.
     pub last_error: Option<String>,
@@ -216,6 +225,9 @@ pub(crate) mod tests {
         io.last_fetch.as_mut().unwrap().unix_time = 1_700_000_000.25;
         io.last_error_unix_time = Some(1_700_000_000.5);
         io.stall_drops_rx = 7;
+        io.lldp_delivered = 40;
+        io.lldp_rate_limited = 19_960;
+        io.events_lost = 2;
         io.active_alarms.push("QKDMACSEC-W001".into());
         Status {
             schema_version: STATUS_SCHEMA_VERSION,
@@ -282,6 +294,9 @@ pub(crate) mod tests {
         ("fetch_latency", "object"),
         ("stall_drops_rx", "number"),
         ("stall_drops_tx", "number"),
+        ("lldp_delivered", "number"),
+        ("lldp_rate_limited", "number"),
+        ("events_lost", "number"),
         ("sas", "array"),
         ("last_error", "string|null"),
         ("last_error_unix_time", "number|null"),
