@@ -159,6 +159,10 @@ impl EventStream {
         })
     }
 
+    /// Moves every record in the ring into `pending`. Called only when `pending` is empty, so
+    /// `pending` never holds more than one ring's worth (256 KiB of records, about 490 LLDP
+    /// events): however fast frames arrive, the ring's fixed size (and the XDP rate limit in
+    /// front of it) bounds what the agent buffers.
     fn drain(&mut self) {
         let ring = self.ring.get_mut();
         while let Some(item) = ring.next() {
