@@ -181,6 +181,55 @@ struct Lldp {
     events_lost: u64,
 }
 
+/// Every thread of `pid`: name, state, wait channel, current syscall and kernel stack (for the
+/// failure message when an agent stops answering).
+fn threads_of(pid: u32) -> String {
+    let mut out = String::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("pid {pid}: no /proc entry\n");
+    };
+    for t in dir.flatten() {
+        let p = t.path();
+        let rd = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+        let stat = rd("stat");
+        let state = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 2..].split_whitespace().next().map(str::to_owned))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "  tid {} {} state {state} wchan {} syscall {}\n{}",
+            t.file_name().to_string_lossy(),
+            rd("comm").trim(),
+            rd("wchan").trim(),
+            rd("syscall").trim(),
+            rd("stack")
+        ));
+    }
+    out
+}
+
+/// User-space stacks of every thread of `pid` (gdb, when installed), for the failure message.
+fn user_stacks(pid: u32) -> String {
+    match std::process::Command::new("gdb")
+        .args([
+            "-p",
+            &pid.to_string(),
+            "-batch",
+            "-ex",
+            "thread apply all bt 30",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+    {
+        Ok(o) => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.starts_with('#') || l.starts_with("Thread"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Err(e) => format!("(no gdb: {e})"),
+    }
+}
+
 /// The side's counters from its status socket (retried: the agent answers between events).
 fn lldp_counters(run: &mut Running, side: Side) -> Lldp {
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -191,8 +240,9 @@ fn lldp_counters(run: &mut Running, side: Side) -> Lldp {
         let alive = run.bed.agent_running(side);
         assert!(
             alive && Instant::now() < deadline,
-            "no status from {} for 15 s (agent running: {alive})\n{}",
+            "no status from {} for 15 s (agent running: {alive})\nthreads:\n{}\n{}",
             side.label(),
+            run.bed.agent_pid(side).map(threads_of).unwrap_or_default(),
             run.bed.logs_tail(60)
         );
         std::thread::sleep(Duration::from_millis(200));
@@ -286,9 +336,31 @@ fn a_bounded_tlv_flood_from_a_third_namespace_leaves_the_link_secured() {
                 FLOOD_PPS,
             )
         });
+        let mut next_dump = Instant::now() + Duration::from_secs(8);
+        let mut stacks_shown = [false; 2];
         while !h.is_finished() {
             std::thread::sleep(Duration::from_millis(500));
             run.bed.check_agents_alive();
+            if Instant::now() >= next_dump {
+                next_dump += Duration::from_secs(8);
+                for (i, side) in Side::BOTH.into_iter().enumerate() {
+                    let answers = run.bed.agent_status(side).is_some();
+                    eprintln!(
+                        "{:?} into the flood, {} status answers: {answers}\n{}",
+                        flood_started.elapsed(),
+                        side.label(),
+                        if answers {
+                            String::new()
+                        } else {
+                            threads_of(pids[i])
+                        }
+                    );
+                    if !answers && !stacks_shown[i] {
+                        stacks_shown[i] = true;
+                        eprintln!("{} stacks:\n{}", side.label(), user_stacks(pids[i]));
+                    }
+                }
+            }
         }
         h.join().expect("flood thread")
     });

@@ -36,6 +36,9 @@ pub struct RunArgs {
 
 /// How often kernel SA state and SA counters are polled (PN crossings also arrive as events).
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Most data plane events handled in one turn of the link loop before timers, KME answers and
+/// the status get their turn again.
+const EVENT_BATCH: usize = 32;
 /// TTL of our LLDPDUs (LLDP's own default is 120 s; the exchange sends more often than that).
 const LLDP_TTL: u16 = 120;
 
@@ -369,18 +372,31 @@ async fn run_link(
                 }
                 None => bail!("KME result channel closed"),
             },
-            ev = events.next() => match ev {
-                Ok(DataplaneEvent::Lldp(e)) => {
-                    if e.info.len() >= 4 {
-                        core.handle_tlv(e.payload(), e.src_mac, Instant::now());
+            ev = events.next() => {
+                // Whatever is already queued goes in one batch (bounded), so that the status and
+                // the commands are refreshed once per batch instead of once per TLV: under a
+                // flood the per-event work stays the key exchange's own.
+                let mut next = Some(ev);
+                let mut handled = 0;
+                while let Some(ev) = next.take() {
+                    match ev {
+                        Ok(DataplaneEvent::Lldp(e)) => {
+                            if e.info.len() >= 4 {
+                                core.handle_tlv(e.payload(), e.src_mac, Instant::now());
+                            }
+                        }
+                        Ok(DataplaneEvent::Pn(c)) => core.handle_pn(c.sa.an, c.pn, Instant::now()),
+                        Err(e) => {
+                            if io.dp.check_interface().is_err() {
+                                return Err(e).context("data plane events stopped: the interface is gone");
+                            }
+                            tracing::warn!(link = %label, error = %e, "bad data plane event");
+                        }
                     }
-                }
-                Ok(DataplaneEvent::Pn(c)) => core.handle_pn(c.sa.an, c.pn, Instant::now()),
-                Err(e) => {
-                    if io.dp.check_interface().is_err() {
-                        return Err(e).context("data plane events stopped: the interface is gone");
+                    handled += 1;
+                    if handled < EVENT_BATCH {
+                        next = events.try_next();
                     }
-                    tracing::warn!(link = %label, error = %e, "bad data plane event");
                 }
             },
             _ = poll.tick() => io.poll_kernel(&mut core),

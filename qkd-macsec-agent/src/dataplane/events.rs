@@ -184,7 +184,14 @@ impl EventStream {
 
     /// Waits for the next event. Cancel-safe (fine in `tokio::select!`): records already read
     /// from the ring wait in an internal queue, and a cancelled wait consumes nothing.
+    ///
+    /// Takes part in tokio's cooperative scheduling: records already queued would otherwise be
+    /// returned without ever yielding, and a task selecting over this stream and its timers
+    /// would, under a flood of events, run the event branch only (timers, whose budget is spent,
+    /// never fire) and starve every other task on its worker. Found by tests/tests/vm_agent_flood.rs.
     pub async fn next(&mut self) -> Result<DataplaneEvent, DataplaneError> {
+        // Before anything is taken, so that a cancelled wait still consumes nothing.
+        tokio::task::coop::consume_budget().await;
         loop {
             if let Some(ev) = self.try_next() {
                 return ev;
