@@ -197,16 +197,17 @@ pub struct LldpRateLimits {
 }
 
 impl LldpRateLimits {
-    /// Defaults: per source 20/s (burst 40), all non-peer sources 50/s (burst 100), the peer
+    /// Defaults: per source 10/s (burst 20), all non-peer sources 20/s (burst 40), the peer
     /// 100/s (burst 200). A link's agent sends a HELLO every 1-5 s plus announces, installs and
     /// ACKs around a rollover: with `sak.buffer` 10 and a 250 ms first retransmission a master
-    /// bootstrapping a link sends about 40 TLVs/s at its peak, so the peer's bucket has 2.5x
-    /// headroom and a not-yet-located peer still gets half its frames through the per-source
-    /// bucket (the exchange retransmits what is dropped). 50/s matches the agent's own limit on
-    /// unauthenticated messages (`keyx.max_rx_per_sec`).
+    /// bootstrapping a link sends about 40 TLVs/s at its peak, so the located peer's bucket has
+    /// 2.5x headroom. Other sources matter only until the peer is located (and when its MAC
+    /// changes): 10/s lets a not-yet-located peer's exchange through (it retransmits what is
+    /// dropped), and 20/s for all of them keeps what a flood can make the agent do small (the
+    /// end-to-end flood test showed 50/s keeping a debug build under emulation busy).
     pub const DEFAULT: Self = Self {
-        per_source: Gcra::new(20, 40),
-        others: Gcra::new(50, 100),
+        per_source: Gcra::new(10, 20),
+        others: Gcra::new(20, 40),
         peer: Gcra::new(100, 200),
     };
 

@@ -379,7 +379,7 @@ fn rotating_source_flood_cannot_starve_the_located_peer() {
     let tracked = dp.lldp_sources_tracked().unwrap();
     let peer_got = from_peer(&evs);
     let others_got = evs.len() as u64 - peer_got;
-    let bound = bucket_bound(50, 100, elapsed + SETTLE);
+    let bound = bucket_bound(20, 40, elapsed + SETTLE);
     eprintln!(
         "rotating, peer located: sent {sent} in {elapsed:?}; peer {peer_got}/{rounds}, others {others_got} (bound {bound}), rate-limited {}, sources tracked {tracked}",
         k.lldp_rate_limited.frames
@@ -391,7 +391,7 @@ fn rotating_source_flood_cannot_starve_the_located_peer() {
     );
     assert!(others_got <= bound, "others {others_got} > {bound}");
     assert!(
-        others_got >= 100,
+        others_got >= 40,
         "the shared burst went through: {others_got}"
     );
     assert_eq!(k.lldp_delivered.frames + k.lldp_rate_limited.frames, sent);
@@ -405,7 +405,7 @@ fn rotating_source_flood_cannot_starve_the_located_peer() {
     );
 
     // Phase 2: the same flood with the peer not located: it shares the others' bucket, and
-    // with one frame in 201 its share of ~100-150 admitted frames is about one.
+    // with one frame in 201 its share of ~40-60 admitted frames is about none.
     dp.set_lldp_peer(None).unwrap();
     std::thread::sleep(Duration::from_secs(2)); // buckets refill
     let sent = send_all(&tx, flood("unknown"));

@@ -38,7 +38,7 @@ pub struct RunArgs {
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Most data plane events handled in one turn of the link loop before timers, KME answers and
 /// the status get their turn again.
-const EVENT_BATCH: usize = 32;
+const EVENT_BATCH: usize = 16;
 /// TTL of our LLDPDUs (LLDP's own default is 120 s; the exchange sends more often than that).
 const LLDP_TTL: u16 = 120;
 
@@ -398,6 +398,10 @@ async fn run_link(
                         next = events.try_next();
                     }
                 }
+                // Let the status socket and the KME requests run between batches: with one
+                // worker thread (the agent pinned to one CPU) they would otherwise wait until
+                // the event queue is empty, which a flood can postpone for seconds.
+                tokio::task::yield_now().await;
             },
             _ = poll.tick() => io.poll_kernel(&mut core),
         }

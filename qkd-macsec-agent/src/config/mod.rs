@@ -330,14 +330,14 @@ pub struct Lldp {
     /// Organizationally defined subtype. Default 1.
     pub subtype: u8,
     /// TLVs per second the data plane hands to the agent from one source MAC other than the
-    /// located peer's; the excess is dropped in XDP. Default 20.
+    /// located peer's; the excess is dropped in XDP. Default 10.
     pub rate_per_source: u32,
-    /// Burst of `rate_per_source`. Default 40.
+    /// Burst of `rate_per_source`. Default 20.
     pub burst_per_source: u32,
     /// TLVs per second from all sources other than the located peer together (per link).
-    /// Default 50.
+    /// Default 20.
     pub rate_others: u32,
-    /// Burst of `rate_others`. Default 100.
+    /// Burst of `rate_others`. Default 40.
     pub burst_others: u32,
     /// TLVs per second from the located peer's MAC (its own bucket, so that a flood from other
     /// sources cannot starve it). Default 100.
@@ -355,10 +355,10 @@ impl Default for Lldp {
         Self {
             oui: "5a:51:4b".into(),
             subtype: qkd_macsec_common::LLDP_SUBTYPE,
-            rate_per_source: 20,
-            burst_per_source: 40,
-            rate_others: 50,
-            burst_others: 100,
+            rate_per_source: 10,
+            burst_per_source: 20,
+            rate_others: 20,
+            burst_others: 40,
             rate_peer: 100,
             burst_peer: 200,
         }

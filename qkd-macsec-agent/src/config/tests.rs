@@ -420,7 +420,7 @@ fn malformed_files_name_the_field() {
         (
             with("[link.lldp]", "rate_per_source = 60"),
             "link[0].lldp.rate_per_source",
-            "must not exceed lldp.rate_others (50)",
+            "must not exceed lldp.rate_others (20)",
         ),
         (
             with("[link.lldp]", "rate_others = -1"),
