@@ -16,14 +16,15 @@ use qkd_macsec_tests::testbed::{
 use qkd_macsec_tests::{require_macsec, NetNs};
 
 /// How long the flood lasts at most, and how many frames it sends at most.
-const FLOOD_FOR: Duration = Duration::from_secs(25);
-const FLOOD_FRAMES: u64 = 30_000;
-/// Frames per second eve aims at. Under TCG the veth/XDP path of the gateways handles a few
-/// thousand frames per second in all; at 2,500/s the flood congested the wire itself and MACsec
-/// frames were dropped in the veth rings before any program saw them (data loss without any
-/// stall: a bandwidth flood, not what this test is about). 1,200/s keeps the emulated wire
-/// uncongested while still sending some 30,000 TLVs.
-const FLOOD_PPS: u64 = 1_200;
+const FLOOD_FOR: Duration = Duration::from_secs(30);
+const FLOOD_FRAMES: u64 = 21_000;
+/// Frames per second eve aims at. Under TCG the gateways' veth/XDP path handles only a few
+/// thousand frames per second in all: at 2,500/s, and at 1,200/s on a loaded host, the flood
+/// congested the emulated wire itself and MACsec frames were dropped in the veth rings before
+/// any program saw them (data loss without a stall: a bandwidth flood, which any on-path
+/// attacker can cause and which is not what this test is about). 700/s for 30 s keeps the wire
+/// uncongested and still sends 21,000 TLVs, 14 times what the limits let through.
+const FLOOD_PPS: u64 = 700;
 /// Equal-length window before the flood, for the agents' CPU baseline.
 const BASELINE_FOR: Duration = Duration::from_secs(15);
 
@@ -471,7 +472,16 @@ fn a_bounded_tlv_flood_from_a_third_namespace_leaves_the_link_secured() {
     );
     for (dir, r) in [("gw-a -> gw-b", &ab), ("gw-b -> gw-a", &ba)] {
         assert!(r.sent > 0, "{dir}: nothing sent");
-        assert_eq!(r.lost, 0, "{dir}: {r:?}\n{}", run.bed.logs_tail(30));
+        assert_eq!(
+            r.lost,
+            0,
+            "{dir}: {} datagrams lost, {} of them during the flood; lower devices dropped gw-a +{} gw-b +{} frames meanwhile (non-zero: the emulated wire was congested, see FLOOD_PPS)\n{}",
+            r.lost,
+            in_flood(r),
+            drops_after[0] - drops_before[0],
+            drops_after[1] - drops_before[1],
+            run.bed.logs_tail(30)
+        );
         assert!(lost_outside(r, &windows, Duration::ZERO).is_empty());
     }
     assert!(
@@ -480,7 +490,7 @@ fn a_bounded_tlv_flood_from_a_third_namespace_leaves_the_link_secured() {
         run.bed.logs_tail(60)
     );
     assert!(
-        report.sent >= 15_000,
+        report.sent >= 12_000,
         "the flood sent only {} frames: too few to show anything",
         report.sent
     );
