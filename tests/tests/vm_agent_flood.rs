@@ -10,8 +10,8 @@ use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::time::{Duration, Instant};
 
 use qkd_macsec_tests::testbed::{
-    capture_lldp, lost_outside, LinkSpec, Running, Side, TestbedOptions, Wire, LOWER_IF,
-    SECURE_TIMEOUT,
+    capture_lldp, lost_outside, LinkSpec, Monitor, Running, Side, Testbed, TestbedOptions, Wire,
+    WireCapture, LOWER_IF, SECURE_TIMEOUT,
 };
 use qkd_macsec_tests::{require_macsec, NetNs};
 
@@ -191,6 +191,41 @@ fn veth_rx_dropped(run: &Running, side: Side) -> u64 {
         + dropped(run.bed.wire_ns.as_ref().expect("bridged"), port, "tx")
 }
 
+/// Set to lift the data plane's LLDP rate limits (every limit 100,000/s) for a manual control
+/// run: the test is then expected to fail, and the numbers it prints show what the limits save.
+const UNLIMITED_ENV: &str = "QKD_FLOOD_CONTROL_UNLIMITED";
+
+/// Running::up, with the rate limits lifted in both configs when [`UNLIMITED_ENV`] is set.
+fn up(opts: &TestbedOptions, spec: &LinkSpec) -> Running {
+    let mut bed = Testbed::new("flood", opts);
+    bed.write_configs(spec);
+    if std::env::var_os(UNLIMITED_ENV).is_some() {
+        eprintln!("{UNLIMITED_ENV} set: LLDP rate limits lifted (control run)");
+        for f in &bed.files {
+            let mut text = std::fs::read_to_string(&f.config).expect("config");
+            text.push_str(
+                "\n[link.lldp]\nrate_per_source = 100000\nburst_per_source = 100000\nrate_others = 100000\nburst_others = 100000\nrate_peer = 100000\nburst_peer = 100000\n",
+            );
+            std::fs::write(&f.config, text).expect("config");
+        }
+    }
+    let capture = WireCapture::start(&bed);
+    bed.start_agents(&opts.agent_log);
+    let start_to_secure = bed.wait_secured(SECURE_TIMEOUT);
+    assert!(
+        bed.ping(Side::A, 3, "0.2") > 0,
+        "the link looks secured but no ping crossed it\n{}",
+        bed.logs_tail(30)
+    );
+    let monitor = Monitor::start(&bed, Duration::from_millis(50));
+    Running {
+        bed,
+        monitor,
+        capture,
+        start_to_secure,
+    }
+}
+
 /// The status counters of link 0 that this test follows.
 #[derive(Clone, Copy, Debug, Default)]
 struct Lldp {
@@ -290,7 +325,7 @@ fn a_bounded_tlv_flood_from_a_third_namespace_leaves_the_link_secured() {
         wire: Wire::Bridged,
         ..Default::default()
     };
-    let mut run = Running::up("flood", &opts, &spec, SECURE_TIMEOUT);
+    let mut run = up(&opts, &spec);
     let eve = run.bed.eve.clone().expect("bridged testbed has eve");
     let pids = Side::BOTH.map(|s| {
         let pid = run.bed.agent_pid(s).expect("agent running");
