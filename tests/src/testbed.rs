@@ -230,6 +230,9 @@ pub struct TestbedOptions {
     /// Run the agents and the stream senders on CPU 0 ([`crate::pin_to_cpu0`] says why): the
     /// loss a test counts is then the agents' alone, not the 6.1 kernel's SA-switch race.
     pub one_cpu: bool,
+    /// Each agent serves Prometheus metrics on this address in its own namespace (loopback is
+    /// brought up there); see [`Testbed::scrape_metrics`].
+    pub metrics_address: Option<String>,
 }
 
 impl Default for TestbedOptions {
@@ -240,6 +243,7 @@ impl Default for TestbedOptions {
             agent_log: "info".into(),
             links: 1,
             one_cpu: true,
+            metrics_address: None,
         }
     }
 }
@@ -304,6 +308,8 @@ pub struct Testbed {
     pub links: usize,
     /// [`TestbedOptions::one_cpu`].
     pub one_cpu: bool,
+    /// [`TestbedOptions::metrics_address`].
+    pub metrics_address: Option<String>,
 }
 
 impl Testbed {
@@ -422,6 +428,7 @@ impl Testbed {
             keep_dir: std::env::var_os("QKD_KEEP_TESTBED").is_some(),
             links: opts.links.max(1),
             one_cpu: opts.one_cpu,
+            metrics_address: opts.metrics_address.clone(),
         };
         assert!(
             bed.links == 1 || matches!(opts.wire, Wire::Direct),
@@ -457,6 +464,26 @@ impl Testbed {
         let mut body = String::new();
         c.read_to_string(&mut body).ok()?;
         serde_json::from_str(&body).ok()
+    }
+
+    /// One scrape of `side`'s metrics endpoint ([`TestbedOptions::metrics_address`]) from inside
+    /// its namespace: the whole HTTP answer. Panics unless it is a 200.
+    pub fn scrape_metrics(&self, side: Side) -> String {
+        use std::io::{Read as _, Write as _};
+        let addr = self
+            .metrics_address
+            .as_deref()
+            .expect("the testbed was built without metrics_address");
+        let _in = self.ns(side).enter();
+        let mut c = std::net::TcpStream::connect(addr)
+            .unwrap_or_else(|e| panic!("{}: metrics endpoint {addr}: {e}", side.label()));
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut body = String::new();
+        c.read_to_string(&mut body).unwrap();
+        assert!(body.starts_with("HTTP/1.1 200"), "{}: {body}", side.label());
+        body
     }
 
     pub fn ns(&self, side: Side) -> &Arc<NetNs> {
@@ -515,7 +542,16 @@ impl Testbed {
     pub fn write_configs(&self, spec: &LinkSpec) {
         for side in Side::BOTH {
             let f = &self.files[side.idx()];
-            let text = render_extra_links(&render_config(side, spec, &self.certs, f), self.links);
+            let mut text =
+                render_extra_links(&render_config(side, spec, &self.certs, f), self.links);
+            if let Some(addr) = &self.metrics_address {
+                text = text.replacen(
+                    "[global]\n",
+                    &format!("[global]\nmetrics_address = \"{addr}\"\n"),
+                    1,
+                );
+                self.ns(side).ip(&["link", "set", "lo", "up"]);
+            }
             if let Err(e) = Config::parse(&text, &f.config.display().to_string()) {
                 panic!(
                     "the testbed generated an invalid config for {}: {e}\n{text}",

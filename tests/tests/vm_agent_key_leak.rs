@@ -2,7 +2,8 @@
 //! rollovers, KME 503s and a KME outage (connections dropped); then every key the KME simulator issued
 //! (it writes them to an audit file, `kme-sim --key-audit-log`) is searched for, in hex (both
 //! cases) and base64 (standard and URL-safe, padded or not), in every log line of both agents
-//! and of the simulator, in the status socket's answers and in the error text the agents logged.
+//! and of the simulator, in the status socket's answers, in the Prometheus metrics pages and in
+//! the error text the agents logged.
 //! One hit fails the test. In the `sak` profile the QKD keys are the SAKs themselves, so kernel
 //! SA keys are covered too.
 
@@ -47,6 +48,7 @@ fn audit(profile: &'static str) {
             audit.to_string_lossy().into_owned(),
         ],
         agent_log: "trace".into(),
+        metrics_address: Some("127.0.0.1:9477".into()),
         ..Default::default()
     };
     let spec = LinkSpec::fast(profile);
@@ -57,9 +59,11 @@ fn audit(profile: &'static str) {
         s.rollovers[0].min(s.rollovers[1]) >= base + 3
     });
     let mut status_text = String::new();
+    let mut metrics_text = String::new();
     for side in Side::BOTH {
         let st = run.bed.agent_status(side).expect("status socket answers");
         status_text.push_str(&st.to_string());
+        metrics_text.push_str(&run.bed.scrape_metrics(side));
     }
     // Error paths: the KMEs answer 503 for a while, then drop every connection (an outage).
     run.bed.kme_ctl(&["set", "--fail-503", "true"]);
@@ -73,7 +77,13 @@ fn audit(profile: &'static str) {
         if let Some(st) = run.bed.agent_status(side) {
             status_text.push_str(&st.to_string());
         }
+        // After the outage: fetch failures and alarms are on the page now.
+        metrics_text.push_str(&run.bed.scrape_metrics(side));
     }
+    assert!(
+        metrics_text.contains("qkd_macsec_key_fetch_total"),
+        "the metrics pages hold no key-fetch families, so the audit would prove little:\n{metrics_text}"
+    );
     let _ = (ab.finish(Duration::from_secs(1)), ba.finish(Duration::ZERO));
     run.bed.check_agents_alive();
 
@@ -90,7 +100,10 @@ fn audit(profile: &'static str) {
         "only {} keys issued: the audit would prove nothing",
         issued.len()
     );
-    let mut haystacks = vec![("status socket".to_owned(), status_text)];
+    let mut haystacks = vec![
+        ("status socket".to_owned(), status_text),
+        ("metrics pages".to_owned(), metrics_text),
+    ];
     for (i, f) in run.bed.files.iter().enumerate() {
         let log = std::fs::read_to_string(&f.log).expect("agent log");
         assert!(
@@ -118,7 +131,7 @@ fn audit(profile: &'static str) {
     }
     assert!(hits.is_empty(), "key material leaked:\n{}", hits.join("\n"));
     eprintln!(
-        "{profile}: {} keys, {} bytes of logs and status output searched, no hit",
+        "{profile}: {} keys, {} bytes of logs, status and metrics output searched, no hit",
         issued.len(),
         total
     );

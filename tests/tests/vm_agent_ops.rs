@@ -3,7 +3,6 @@
 //! metrics endpoint, and the alarm hook run by the agent on a real stall (KME outage) and on
 //! the recovery.
 
-use std::io::{Read as _, Write as _};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -28,19 +27,6 @@ fn status_json(bed: &Testbed) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
 }
 
-fn scrape(bed: &Testbed) -> String {
-    // The endpoint listens on gw-a's loopback: connect from inside that namespace.
-    let _in = bed.ns(Side::A).enter();
-    let mut c = std::net::TcpStream::connect(METRICS).expect("connect to the metrics endpoint");
-    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut body = String::new();
-    c.read_to_string(&mut body).unwrap();
-    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
-    body
-}
-
 fn metric(text: &str, prefix: &str) -> f64 {
     let line = text
         .lines()
@@ -59,22 +45,25 @@ fn status_metrics_and_alarm_hook_on_a_real_link() {
     spec.akl_max_age = "6s".into();
     spec.akl_rollover_at = 0.5;
     spec.akl_warn_at = 0.8;
-    let mut bed = Testbed::new("ops", &TestbedOptions::default());
+    let opts = TestbedOptions {
+        metrics_address: Some(METRICS.into()),
+        ..Default::default()
+    };
+    let mut bed = Testbed::new("ops", &opts);
     bed.write_configs(&spec);
     let hook_log = bed.dir.join("alarms.log");
-    // gw-a gets metrics, a status group and an alarm hook (argv; the script only appends).
+    // Both agents serve metrics (the testbed option); gw-a also gets a status group and an alarm hook (argv; the script only appends).
     let cfg_a = &bed.files[0].config;
     let text = std::fs::read_to_string(cfg_a).unwrap().replacen(
         "[global]\n",
         &format!(
-            "[global]\nmetrics_address = \"{METRICS}\"\nstatus_group = \"0\"\nalarm_hook = {{ command = [\"/bin/sh\", \"-c\", \"echo \\\"$QKD_MACSEC_ALARM_ID $QKD_MACSEC_ALARM_ACTION $QKD_MACSEC_LINK $QKD_MACSEC_KEY_ID\\\" >> {}\"], timeout = \"5s\" }}\n",
+            "[global]\nstatus_group = \"0\"\nalarm_hook = {{ command = [\"/bin/sh\", \"-c\", \"echo \\\"$QKD_MACSEC_ALARM_ID $QKD_MACSEC_ALARM_ACTION $QKD_MACSEC_LINK $QKD_MACSEC_KEY_ID\\\" >> {}\"], timeout = \"5s\" }}\n",
             hook_log.display()
         ),
         1,
     );
     Config::parse(&text, "ops A").unwrap_or_else(|e| panic!("{e}\n{text}"));
     std::fs::write(cfg_a, &text).unwrap();
-    bed.ns(Side::A).ip(&["link", "set", "lo", "up"]);
     bed.start_agents("info");
     bed.wait_secured(SECURE_TIMEOUT);
 
@@ -138,7 +127,7 @@ fn status_metrics_and_alarm_hook_on_a_real_link() {
     assert!(table.contains("last fetch  enc_keys ok in"), "{table}");
 
     // Metrics over the real endpoint.
-    let m = scrape(&bed);
+    let m = bed.scrape_metrics(Side::A);
     assert!(m.contains("content-type: text/plain; version=0.0.4"), "{m}");
     assert!(metric(&m, "qkd_macsec_rollovers_total{link=\"gw-a-link\"}") >= 2.0);
     assert!(
@@ -175,7 +164,7 @@ fn status_metrics_and_alarm_hook_on_a_real_link() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
-    let m = scrape(&bed);
+    let m = bed.scrape_metrics(Side::A);
     assert_eq!(
         metric(
             &m,

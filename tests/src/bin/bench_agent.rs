@@ -1,8 +1,8 @@
 //! `qkd-macsec-bench-agent`: the agent under load, in the MACsec VM (`cargo xtask bench agent`).
 //!
 //! Two gateways joined by N links (16 by default), one agent per gateway serving all of them,
-//! the `cak` profile with short lifetimes so every link rolls over every few seconds, and UDP
-//! sequence streams across link 0. Prints `bench-result:` lines:
+//! the `cak` profile with a 20 s AKL rolled at half of it (`--akl`, `--rollover-at`), so the
+//! 16 links roll over about once a second in all, and UDP sequence streams across link 0. Prints `bench-result:` lines:
 //!
 //! - `agent.start_to_secure_s`: agents started until every link is secured on both gateways;
 //! - `agent.rekey_ms_p50` / `_p99`: per rollover, from the master picking the new SAK until both
@@ -35,6 +35,13 @@ struct Args {
     /// Datagrams per second in each direction on link 0.
     #[arg(long, default_value_t = 100)]
     pps: u32,
+    /// Active key lifetime of every SAK. 20 s at 50% is within what a QKD link of a few kbit/s
+    /// sustains for 16 links (docs/operator-guide.md, sizing); 4 s overloads the emulated VM.
+    #[arg(long, default_value = "20s")]
+    akl: String,
+    /// Share of the AKL after which a link rolls over.
+    #[arg(long, default_value_t = 0.5)]
+    rollover_at: f64,
     /// Where to write the raw samples (relative to the working directory).
     #[arg(long, default_value = "target/bench/samples")]
     samples: std::path::PathBuf,
@@ -128,7 +135,8 @@ fn main() {
     let args = Args::parse();
     require_macsec();
     let mut spec = LinkSpec::fast("cak");
-    spec.akl_max_age = "4s".into();
+    spec.akl_max_age = args.akl.clone();
+    spec.akl_rollover_at = args.rollover_at;
     let opts = TestbedOptions {
         links: args.links,
         ..Default::default()
@@ -177,8 +185,10 @@ fn main() {
         .expect("write samples");
     let lost = ab.lost + ba.lost;
     eprintln!(
-        "links {}; secured after {:.1} s; {} rollovers in {} s; rekey p50 {p50:.1} ms p99 {p99:.1} ms; lost {lost} of {}; RSS {rss:.1} MB; idle {idle:.1}% (baseline {idle_base:.1}%)",
+        "links {}; AKL {} rolled at {}; secured after {:.1} s; {} rollovers in {} s; rekey p50 {p50:.1} ms p99 {p99:.1} ms; lost {lost} of {}; RSS {rss:.1} MB; idle {idle:.1}% (baseline {idle_base:.1}%)",
         args.links,
+        args.akl,
+        args.rollover_at,
         start_to_secure.as_secs_f64(),
         rollovers,
         args.seconds,
