@@ -77,6 +77,9 @@ struct Args {
     /// Agent log filter (QKD_MACSEC_LOG).
     #[arg(long, default_value = "info")]
     agent_log: String,
+    /// Print the fault schedule for the seed and length, then exit (no testbed, no root).
+    #[arg(long)]
+    plan_only: bool,
     /// Also write the summary JSON to this file (used by `cargo xtask soak` inside the VM).
     #[arg(long)]
     summary_file: Option<std::path::PathBuf>,
@@ -152,6 +155,9 @@ fn main() -> ExitCode {
             f.dur.as_secs_f64(),
             f.params
         ));
+    }
+    if args.plan_only {
+        return ExitCode::SUCCESS;
     }
     let mut out = Outcome::default();
     std::panic::set_hook(Box::new(|_| {}));
@@ -602,11 +608,18 @@ impl Soak<'_> {
         }
     }
 
-    fn recovered(&self) -> bool {
+    /// The link keys again after a fault: both sides secured with no stall open, no agent
+    /// down, both TX keys within their lifetime, and a rollover on both sides since `base`
+    /// (the rollover count when the fault ended). The rollover is what proves that both agents
+    /// (a restarted one included) exchange and install keys again, not only that the kernel
+    /// still holds the old SAs.
+    fn recovered(&self, base: u64) -> bool {
         let link_ok = self.run.monitor.snapshot(|s| {
-            Side::BOTH.iter().all(|&side| {
-                s.latest[side as usize].secured() && s.stalls(side).iter().all(|(_, e)| e.is_some())
-            })
+            s.rollovers[0].min(s.rollovers[1]) > base
+                && Side::BOTH.iter().all(|&side| {
+                    s.latest[side as usize].secured()
+                        && s.stalls(side).iter().all(|(_, e)| e.is_some())
+                })
         });
         link_ok && self.down.is_none() && self.sampler.tx_keys_fresh(self.max_age())
     }
@@ -618,24 +631,30 @@ impl Soak<'_> {
     }
 
     /// Runs one fault for its duration and undoes it; returns a note for the log.
+    /// Holds a fault for `dur` from now: from when it took effect, since starting a helper
+    /// process in the loaded emulated VM can take seconds.
+    fn hold_for(&mut self, dur: Duration) {
+        self.hold(Instant::now() + dur);
+    }
+
     fn inject(&mut self, f: &Fault, idx: usize, seed: u64) -> String {
         let end = Instant::now() + f.dur;
         match (f.kind, f.params) {
             (FaultKind::KmeOutage, FaultParams::Kme { kme }) => {
                 self.kme(&["--kme", kme.arg(), "--drop-connections", "true"]);
-                self.hold(end);
+                self.hold_for(f.dur);
                 self.kme(&["--kme", kme.arg(), "--drop-connections", "false"]);
                 format!("kme {}", kme.arg())
             }
             (FaultKind::Kme503, FaultParams::Kme { kme }) => {
                 self.kme(&["--kme", kme.arg(), "--fail-503", "true"]);
-                self.hold(end);
+                self.hold_for(f.dur);
                 self.kme(&["--kme", kme.arg(), "--fail-503", "false"]);
                 format!("kme {}", kme.arg())
             }
             (FaultKind::KmeLatency, FaultParams::Latency { kme, ms }) => {
                 self.kme(&["--kme", kme.arg(), "--latency-ms", &ms.to_string()]);
-                self.hold(end);
+                self.hold_for(f.dur);
                 self.kme(&["--kme", kme.arg(), "--latency-ms", "0"]);
                 format!("kme {} {ms} ms", kme.arg())
             }
@@ -646,13 +665,13 @@ impl Soak<'_> {
                     .as_f64()
                     .unwrap_or_else(|| panic!("kme-sim-ctl show has no qber: {before}"));
                 self.kme(&["--qber", &qber.to_string()]);
-                self.hold(end);
+                self.hold_for(f.dur);
                 self.kme(&["--qber", &normal.to_string()]);
                 format!("qber {qber} then {normal}")
             }
             (FaultKind::LldpLoss, _) => {
                 netem_set(self.wire(), &["loss", "100%"]);
-                self.hold(end);
+                self.hold_for(f.dur);
                 let stats = netem_show(self.wire());
                 netem_set(self.wire(), &["delay", "0ms"]);
                 format!("netem loss 100%; {}", netem_counts(&stats))
@@ -662,7 +681,7 @@ impl Soak<'_> {
                     self.wire(),
                     &["delay", "150ms", "150ms", "duplicate", "30%"],
                 );
-                self.hold(end);
+                self.hold_for(f.dur);
                 let stats = netem_show(self.wire());
                 netem_set(self.wire(), &["delay", "0ms"]);
                 format!(
@@ -697,7 +716,7 @@ impl Soak<'_> {
                 let side = if a_side { Side::A } else { Side::B };
                 self.run.bed.kill9_agent(side);
                 self.down = Some(side);
-                self.hold(end);
+                self.hold_for(f.dur);
                 self.run.bed.start_agent(side, &self.args.agent_log);
                 self.down = None;
                 self.out.agent_restarts += 1;
@@ -758,6 +777,12 @@ fn run(args: &Args, seed: u64, total: Duration, plan: &[Fault], out: &mut Outcom
     ]);
     let [ab, ba] = run.streams(args.pps);
     let t0 = Instant::now();
+    let wall0 = SystemTime::now();
+    let to_wall = |t: Instant| match t.checked_duration_since(t0) {
+        Some(d) => wall0 + d,
+        None => wall0 - t0.duration_since(t),
+    };
+    let mut incidents: Vec<SystemTime> = Vec::new();
     let end = t0 + total;
     let mut soak = Soak {
         run,
@@ -791,7 +816,7 @@ fn run(args: &Args, seed: u64, total: Duration, plan: &[Fault], out: &mut Outcom
         ));
         let note = soak.inject(f, idx, seed);
         let ended = Instant::now();
-        // Recovered: both sides secured, no open stall, both TX keys fresh and every agent up.
+        let base = soak.run.rollovers();
         // Waited for until the next fault is due (or the end of the run).
         let deadline = plan
             .get(idx + 1)
@@ -799,7 +824,7 @@ fn run(args: &Args, seed: u64, total: Duration, plan: &[Fault], out: &mut Outcom
             .max(ended + Duration::from_secs(5));
         let recover = loop {
             soak.tick();
-            if soak.recovered() {
+            if soak.recovered(base) {
                 break Some(ended.elapsed());
             }
             if Instant::now() >= deadline {
@@ -848,6 +873,7 @@ fn run(args: &Args, seed: u64, total: Duration, plan: &[Fault], out: &mut Outcom
         .iter()
         .map(|v| {
             let t = origin + v.at;
+            incidents.push(to_wall(t));
             format!(
                 "{:.2}s {} key {} {} frames ({})",
                 t.saturating_duration_since(t0).as_secs_f64(),
@@ -884,6 +910,7 @@ fn run(args: &Args, seed: u64, total: Duration, plan: &[Fault], out: &mut Outcom
     );
     for (dir, r) in [("gw-a>gw-b", &ab), ("gw-b>gw-a", &ba)] {
         for t in lost_outside(r, &excused, LOSS_MARGIN) {
+            incidents.push(to_wall(t));
             let desc = format!("{dir} ({})", fault_at(t));
             out.lost_while_valid
                 .push((t.saturating_duration_since(t0).as_secs_f64(), desc));
@@ -911,10 +938,17 @@ fn run(args: &Args, seed: u64, total: Duration, plan: &[Fault], out: &mut Outcom
             netem_show(wire)
         ));
     }
-    if !out.lost_while_valid.is_empty()
-        || out.accepted_under_expired_key > 0
-        || !out.agent_crashes.is_empty()
-    {
+    if !incidents.is_empty() {
+        let logs = [
+            ("gw-a", run.bed.agent_log(Side::A)),
+            ("gw-b", run.bed.agent_log(Side::B)),
+        ];
+        say(&format!(
+            "soak: agent logs around the incidents:\n{}",
+            log_excerpts(&logs, &incidents)
+        ));
+    }
+    if !out.agent_crashes.is_empty() {
         say(&format!(
             "soak: agent logs (tail):\n{}",
             run.bed.logs_tail(60)
@@ -922,6 +956,90 @@ fn run(args: &Args, seed: u64, total: Duration, plan: &[Fault], out: &mut Outcom
     }
     say("soak: stopping agents and the KME simulator, deleting namespaces");
     drop(run);
+}
+
+/// `t` as RFC 3339 UTC with microseconds, the format of the agents' log timestamps, so that
+/// the two compare as strings.
+fn utc(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        d.subsec_micros()
+    )
+}
+
+/// The agents' log lines from 3 s before to 2 s after each incident (incidents closer than 5 s
+/// merged, at most 6), ANSI colours removed: what to read when a must-be-zero figure is not 0.
+fn log_excerpts(logs: &[(&str, String)], incidents: &[SystemTime]) -> String {
+    let mut times: Vec<SystemTime> = incidents.to_vec();
+    times.sort();
+    let mut merged: Vec<SystemTime> = Vec::new();
+    for t in times {
+        if merged
+            .last()
+            .is_none_or(|m| t.duration_since(*m).unwrap_or_default() > Duration::from_secs(5))
+        {
+            merged.push(t);
+        }
+    }
+    let mut out = String::new();
+    for t in merged.iter().take(6) {
+        let from = utc(*t - Duration::from_secs(3));
+        let to = utc(*t + Duration::from_secs(2));
+        out.push_str(&format!("==== incident at {} ====\n", utc(*t)));
+        for (name, text) in logs {
+            out.push_str(&format!("---- {name} ----\n"));
+            let mut n = 0;
+            for line in text.lines() {
+                let plain = strip_ansi(line);
+                let ts = plain.get(..27).unwrap_or("");
+                if ts >= from.as_str() && ts <= to.as_str() {
+                    n += 1;
+                    if n <= 40 {
+                        out.push_str(&plain);
+                        out.push('\n');
+                    }
+                }
+            }
+            if n > 40 {
+                out.push_str(&format!("({} more lines)\n", n - 40));
+            }
+        }
+    }
+    out
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters, then one final byte in @..~.
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) && c != '[' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The fault active at `t` (or the one whose recovery was under way), for loss reports.
@@ -942,8 +1060,43 @@ fn out_fault_at(inj: &[Injection], t: Instant, t0: Instant) -> String {
     "before any fault".into()
 }
 
-/// Progress goes to stdout; only the summary (the last line) is machine-read.
+/// Progress goes to stdout, each line stamped with the UTC time (the agents' logs use the same
+/// clock); only the summary (the last line) is machine-read.
 fn say(s: &str) {
-    println!("{s}");
+    println!("{} {s}", &utc(SystemTime::now())[11..23]);
     let _ = std::io::stdout().flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_matches_the_agent_log_format() {
+        let t = UNIX_EPOCH + Duration::from_micros(1_795_000_000_123_456);
+        assert_eq!(utc(t), "2026-11-18T11:06:40.123456Z");
+        assert_eq!(utc(UNIX_EPOCH), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(
+            utc(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00.000000Z"
+        );
+    }
+
+    #[test]
+    fn log_excerpts_pick_lines_around_incidents() {
+        let log = "\u{1b}[2m2026-11-18T11:06:36.000000Z\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m early\n\
+                   \u{1b}[2m2026-11-18T11:06:38.000000Z\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m inside\n\
+                   2026-11-18T11:06:43.000000Z  INFO late\n";
+        let t = UNIX_EPOCH + Duration::from_micros(1_795_000_000_123_456);
+        let ex = log_excerpts(
+            &[("gw-a", log.to_owned())],
+            &[t, t + Duration::from_secs(1)],
+        );
+        assert!(
+            ex.contains("2026-11-18T11:06:38.000000Z  WARN inside"),
+            "{ex}"
+        );
+        assert!(!ex.contains("early") && !ex.contains("late"), "{ex}");
+        assert_eq!(ex.matches("==== incident").count(), 1, "{ex}");
+    }
 }
