@@ -112,6 +112,8 @@ struct Outcome {
     stall_s: f64,
     streams: Vec<StreamReport>,
     lost_while_valid: Vec<(f64, String)>,
+    /// The same losses grouped into bursts (one line each).
+    loss_bursts: Vec<String>,
     plaintext_frames: u64,
     plaintext_stream_frames: u64,
     macsec_frames: u64,
@@ -288,7 +290,7 @@ fn summarise(
         "received_frames": sum(|r| r.received),
         "lost_frames": sum(|r| r.lost),
         "lost_while_valid": lost_while_valid,
-        "lost_while_valid_at": out.lost_while_valid.iter().take(50).map(|(t, f)| format!("{t:.2}s {f}")).collect::<Vec<_>>(),
+        "lost_while_valid_at": out.loss_bursts.iter().take(50).collect::<Vec<_>>(),
         "loss_margin_ms": LOSS_MARGIN.as_millis() as u64,
         "reordered_frames": sum(|r| r.reordered),
         "duplicated_frames": sum(|r| r.duplicated),
@@ -909,19 +911,29 @@ fn run(args: &Args, seed: u64, total: Duration, plan: &[Fault], out: &mut Outcom
             .map(|(s, e)| (origin + *s, e.map(|e| origin + e))),
     );
     for (dir, r) in [("gw-a>gw-b", &ab), ("gw-b>gw-a", &ba)] {
-        for t in lost_outside(r, &excused, LOSS_MARGIN) {
-            incidents.push(to_wall(t));
-            let desc = format!("{dir} ({})", fault_at(t));
+        let lost = lost_outside(r, &excused, LOSS_MARGIN);
+        for t in &lost {
+            let desc = format!("{dir} ({})", fault_at(*t));
             out.lost_while_valid
                 .push((t.saturating_duration_since(t0).as_secs_f64(), desc));
+        }
+        for (first, last, n) in bursts(&lost, Duration::from_secs(1)) {
+            incidents.push(to_wall(first));
+            out.loss_bursts.push(format!(
+                "{:.2}-{:.2}s (UTC {}) {n} datagrams {dir} ({})",
+                first.saturating_duration_since(t0).as_secs_f64(),
+                last.saturating_duration_since(t0).as_secs_f64(),
+                &utc(to_wall(first))[11..23],
+                fault_at(first)
+            ));
         }
         say(&format!(
             "soak: {dir}: sent {} received {} lost {} (send errors {}) reordered {} duplicated {}",
             r.sent, r.received, r.lost, r.send_errors, r.reordered, r.duplicated
         ));
     }
-    for (t, d) in &out.lost_while_valid {
-        say(&format!("soak: LOST WHILE KEYS VALID at {t:.2} s: {d}"));
+    for b in &out.loss_bursts {
+        say(&format!("soak: LOST WHILE KEYS VALID: {b}"));
     }
     for v in &out.expired_violations {
         say(&format!("soak: ACCEPTED UNDER EXPIRED KEY: {v}"));
@@ -956,6 +968,24 @@ fn run(args: &Args, seed: u64, total: Duration, plan: &[Fault], out: &mut Outcom
     }
     say("soak: stopping agents and the KME simulator, deleting namespaces");
     drop(run);
+}
+
+/// Sorted times grouped into bursts (a gap longer than `gap` starts a new one): (first, last,
+/// count).
+fn bursts(times: &[Instant], gap: Duration) -> Vec<(Instant, Instant, usize)> {
+    let mut sorted = times.to_vec();
+    sorted.sort();
+    let mut out: Vec<(Instant, Instant, usize)> = Vec::new();
+    for t in sorted {
+        match out.last_mut() {
+            Some((_, last, n)) if t.duration_since(*last) <= gap => {
+                *last = t;
+                *n += 1;
+            }
+            _ => out.push((t, t, 1)),
+        }
+    }
+    out
 }
 
 /// `t` as RFC 3339 UTC with microseconds, the format of the agents' log timestamps, so that
@@ -1070,6 +1100,25 @@ fn say(s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn losses_group_into_bursts() {
+        let t = Instant::now();
+        let ms = |n| t + Duration::from_millis(n);
+        let b = bursts(
+            &[ms(3000), ms(0), ms(10), ms(900), ms(5000)],
+            Duration::from_secs(1),
+        );
+        assert_eq!(
+            b,
+            vec![
+                (ms(0), ms(900), 3),
+                (ms(3000), ms(3000), 1),
+                (ms(5000), ms(5000), 1)
+            ]
+        );
+        assert!(bursts(&[], Duration::from_secs(1)).is_empty());
+    }
 
     #[test]
     fn utc_matches_the_agent_log_format() {
