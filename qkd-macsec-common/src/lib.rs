@@ -128,6 +128,11 @@ pub struct DataplaneConfig {
     /// SCI (wire bytes read as a native u64, see [`SaReg::sci`]) for SecTAGs with SC=0 and ES=0,
     /// i.e. the peer's SCI on a point-to-point link. 0: use source MAC + port 1 as for ES=1.
     pub implicit_sci: u64,
+    /// CLOCK_MONOTONIC time (ns, the clock of `bpf_ktime_get_ns`) at which the active key's
+    /// lifetime ends; from then on the programs behave as if [`CFG_STALL`] were set. 0: none.
+    /// The agent stalls the link itself at that moment; this copy is for when it cannot (killed,
+    /// hung, restarting): the programs and this map stay pinned, so the key still expires.
+    pub key_deadline_ns: u64,
 }
 
 impl DataplaneConfig {
@@ -137,6 +142,7 @@ impl DataplaneConfig {
         lldp_subtype: LLDP_SUBTYPE,
         flags: 0,
         implicit_sci: 0,
+        key_deadline_ns: 0,
     };
 }
 
@@ -336,7 +342,7 @@ pub struct PnEvent {
 }
 
 // Layout pins: a change here is a change of the documented format (docs/dataplane.md).
-const _: () = assert!(core::mem::size_of::<DataplaneConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<DataplaneConfig>() == 24);
 const _: () = assert!(core::mem::size_of::<SaReg>() == 64);
 const _: () = assert!(core::mem::size_of::<SaStats>() == 24);
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);

@@ -21,7 +21,7 @@ use core::intrinsics::{atomic_and, atomic_or, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::{__sk_buff, xdp_action, xdp_md},
-    helpers::generated::bpf_xdp_load_bytes,
+    helpers::generated::{bpf_ktime_get_ns, bpf_xdp_load_bytes},
     macros::{classifier, map, xdp},
     maps::{Array, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
@@ -109,9 +109,7 @@ pub fn qkd_xdp(ctx: XdpContext) -> u32 {
     let Some(cfg) = QKD_CONFIG.get_ptr(0) else {
         return xdp_action::XDP_PASS;
     };
-    // SAFETY: a valid map value pointer; the agent rewrites it whole, a torn read is harmless.
-    let flags = unsafe { (*cfg).flags };
-    let stall = flags & CFG_STALL != 0;
+    let stall = stalled(cfg);
     if data + ETH_HLEN > end {
         return if stall {
             count(IfCounter::RxStallDrop, (end - data) as u64);
@@ -145,8 +143,7 @@ pub fn qkd_tc(ctx: TcContext) -> i32 {
     let Some(cfg) = QKD_CONFIG.get_ptr(0) else {
         return TC_NEXT;
     };
-    // SAFETY: valid map value pointer.
-    let stall = unsafe { (*cfg).flags } & CFG_STALL != 0;
+    let stall = stalled(cfg);
     let skb_len = ctx.len() as u64;
     let mut data = ctx.data();
     let mut end = ctx.data_end();
@@ -187,6 +184,18 @@ pub fn qkd_tc(ctx: TcContext) -> i32 {
         }
         _ => TC_NEXT,
     }
+}
+
+/// The stall switch, or the active key's lifetime over ([`DataplaneConfig::key_deadline_ns`]):
+/// the agent sets the switch itself when a key runs out, the deadline covers an agent that is not
+/// there to do it. The clock is read only when a deadline is set.
+#[inline(always)]
+fn stalled(cfg: *const DataplaneConfig) -> bool {
+    // SAFETY: a valid map value pointer; the agent rewrites it whole, a torn read of either field
+    // at worst stalls one frame early or late.
+    let (flags, deadline) = unsafe { ((*cfg).flags, (*cfg).key_deadline_ns) };
+    // SAFETY: helper without arguments.
+    flags & CFG_STALL != 0 || (deadline != 0 && unsafe { bpf_ktime_get_ns() } >= deadline)
 }
 
 /// A load from packet memory at `addr` (bounds already checked by the caller).

@@ -4,7 +4,7 @@
 
 mod ebpf_support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ebpf_support::*;
 use qkd_macsec_agent::dataplane::{
@@ -649,6 +649,121 @@ fn stall_drops_data_both_ways_but_passes_lldp_and_eapol() {
     let k2 = dp.if_counters().unwrap();
     assert_eq!(k2.rx_stall_drop, k.rx_stall_drop);
     assert_eq!(k2.tx_stall_drop, k.tx_stall_drop);
+    dp.shutdown(false).unwrap();
+}
+
+/// The key deadline stalls the link by itself once it passes, with no process left to act: the
+/// loader is dropped (as a killed agent's is) before the deadline, and traffic stops on time in
+/// both directions while LLDP still passes; a restarted loader finds the deadline in the pinned
+/// map and clearing it lets data through again.
+#[test]
+fn key_deadline_stalls_without_the_agent() {
+    let rig = Rig::new("deadline");
+    let _in_a = rig.enter_a();
+    let mut dp = rig.attach();
+    let from_b = rig.b_sender();
+    let from_a = rig.a_sender();
+    let cap_a = rig.a_capture();
+    let cap_b = rig.b_capture();
+    let sci = Sci::from_mac_port(rig.b_mac.0, 1);
+    let frame = |src: [u8; 6], dst: [u8; 6], tag: &str| {
+        macsec(src, dst, SecTag::with_sci(sci, 0, 1), 64, tag.as_bytes())
+    };
+    let lldp_frame = |src: [u8; 6], tag: &str| {
+        lldp(
+            src,
+            &[
+                lldp_head(src),
+                tlv(
+                    127,
+                    &[&LLDP_OUI[..], &[LLDP_SUBTYPE], tag.as_bytes()].concat(),
+                ),
+                tlv(0, &[]),
+            ]
+            .concat(),
+        )
+    };
+    let lifetime = Duration::from_millis(1500);
+    let deadline = Instant::now() + lifetime;
+    dp.set_key_deadline(Some(deadline)).unwrap();
+    assert_ne!(dp.key_deadline_ns().unwrap(), 0);
+    from_b
+        .send_raw(&frame(rig.b_mac.0, rig.a_mac.0, "in-before"))
+        .unwrap();
+    from_a
+        .send_raw(&frame(rig.a_mac.0, rig.b_mac.0, "out-before"))
+        .unwrap();
+    // The agent is gone: nothing in this process touches the data plane until the end.
+    drop(dp);
+    assert!(
+        Instant::now() < deadline,
+        "the frames before the deadline were sent too late to mean anything"
+    );
+    std::thread::sleep(
+        deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(50),
+    );
+    from_b
+        .send_raw(&frame(rig.b_mac.0, rig.a_mac.0, "in-after"))
+        .unwrap();
+    match from_a.send_raw(&frame(rig.a_mac.0, rig.b_mac.0, "out-after")) {
+        Err(qkd_macsec_agent::lldp::LldpError::Io {
+            errno: Some(libc::ENOBUFS),
+            ..
+        }) => {}
+        other => panic!("egress frame after the deadline: expected ENOBUFS, got {other:?}"),
+    }
+    from_b
+        .send_raw(&lldp_frame(rig.b_mac.0, "in-lldp"))
+        .unwrap();
+    from_a
+        .send_raw(&lldp_frame(rig.a_mac.0, "out-lldp"))
+        .unwrap();
+    let seen_a = cap_a.collect(SETTLE);
+    let seen_b = cap_b.collect(SETTLE);
+    assert_eq!(
+        with_marker(&seen_a, b"in-before").len(),
+        1,
+        "ingress before the deadline passes"
+    );
+    assert_eq!(
+        with_marker(&seen_b, b"out-before").len(),
+        1,
+        "egress before the deadline passes"
+    );
+    assert!(
+        with_marker(&seen_a, b"in-after").is_empty(),
+        "ingress after the deadline dropped"
+    );
+    assert!(
+        with_marker(&seen_b, b"out-after").is_empty(),
+        "egress after the deadline dropped"
+    );
+    assert_eq!(
+        with_marker(&seen_b, b"out-lldp").len(),
+        1,
+        "LLDP passes the expired key"
+    );
+
+    // A restarted agent: the deadline is still there, and the drops were counted as stall drops.
+    let mut dp = rig.attach();
+    assert_ne!(
+        dp.key_deadline_ns().unwrap(),
+        0,
+        "the deadline outlives the loader"
+    );
+    let k = dp.if_counters().unwrap();
+    assert_eq!(k.rx_stall_drop.frames, 1);
+    assert_eq!(k.tx_stall_drop.frames, 1);
+    assert_eq!(k.lldp_delivered.frames, 1);
+    dp.set_key_deadline(None).unwrap();
+    from_b
+        .send_raw(&frame(rig.b_mac.0, rig.a_mac.0, "in-cleared"))
+        .unwrap();
+    from_a
+        .send_raw(&frame(rig.a_mac.0, rig.b_mac.0, "out-cleared"))
+        .unwrap();
+    assert_eq!(with_marker(&cap_a.collect(SETTLE), b"in-cleared").len(), 1);
+    assert_eq!(with_marker(&cap_b.collect(SETTLE), b"out-cleared").len(), 1);
     dp.shutdown(false).unwrap();
 }
 

@@ -226,3 +226,78 @@ fn package_installs_and_its_unit_verifies() {
     assert!(!root.join("usr/sbin/qkd-macsec-agent").exists());
     assert!(root.join("etc/qkd-macsec/agent.toml.sample").exists());
 }
+
+/// The maintainer scripts for real: `dpkg -i` inside a chroot whose root is an overlay of this
+/// machine's own root (the upper layer on a tmpfs in a private mount namespace, so nothing
+/// reaches the host). The scripted install above sets DPKG_ROOT, under which the postinst
+/// skips group creation; here it must create the `qkd-macsec` group the unit's
+/// SupplementaryGroups names, keep it on reinstall, and a purge must remove the files.
+#[test]
+fn maintainer_scripts_create_the_group_in_a_throwaway_system() {
+    require_root("a mount namespace with an overlay of / and dpkg -i in a chroot");
+    let deb = the_deb();
+    let group_before = run(Command::new("getent").args(["group", "qkd-macsec"])).0;
+    let dir = std::env::temp_dir().join(format!("qkd-pkg-chroot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = Scratch(dir.clone());
+    // Each step prints a marker line the test looks for; `set -e` stops at the first failure.
+    let script = r#"
+set -eu
+d="$1"; deb="$2"
+mount -t tmpfs tmpfs "$d"
+mkdir -p "$d/upper" "$d/work" "$d/root"
+mount -t overlay overlay -o "lowerdir=/,upperdir=$d/upper,workdir=$d/work" "$d/root"
+mount -t proc proc "$d/root/proc"
+mount --rbind /dev "$d/root/dev"
+cp "$deb" "$d/root/qkd.deb"
+in_root() { chroot "$d/root" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin "$@"; }
+if in_root getent group qkd-macsec >/dev/null; then echo "STEP group-existed"; in_root delgroup --system qkd-macsec >/dev/null; fi
+in_root dpkg -i /qkd.deb
+echo "STEP installed"
+in_root getent group qkd-macsec | sed 's/^/GROUP /'
+in_root dpkg -s qkd-macsec-agent | grep '^Status:' | sed 's/^/STATUS /'
+test -x "$d/root/usr/sbin/qkd-macsec-agent" && echo "STEP binary"
+in_root dpkg -i /qkd.deb
+echo "STEP reinstalled"
+in_root getent group qkd-macsec | wc -l | sed 's/^/GROUPCOUNT /'
+in_root dpkg --purge qkd-macsec-agent
+echo "STEP purged"
+test ! -e "$d/root/usr/sbin/qkd-macsec-agent" && echo "STEP binary-gone"
+test ! -e "$d/root/etc/qkd-macsec/agent.toml.sample" && echo "STEP conffile-gone"
+"#;
+    let out = ok(Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ])
+        .arg(&dir)
+        .arg(&deb));
+    for want in [
+        "STEP installed",
+        "GROUP qkd-macsec:x:",
+        "STATUS Status: install ok installed",
+        "STEP binary",
+        "STEP reinstalled",
+        "GROUPCOUNT 1",
+        "STEP purged",
+        "STEP binary-gone",
+        "STEP conffile-gone",
+    ] {
+        assert!(
+            out.lines().any(|l| l.starts_with(want)),
+            "missing {want:?} in:\n{out}"
+        );
+    }
+    // The overlay kept every change away from this machine.
+    assert_eq!(
+        run(Command::new("getent").args(["group", "qkd-macsec"])).0,
+        group_before,
+        "the host's group database changed"
+    );
+    assert!(!Path::new("/qkd.deb").exists());
+}

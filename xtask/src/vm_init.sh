@@ -43,7 +43,12 @@ mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts $R/dev/pts
 mount -t tmpfs -o mode=1777 shm $R/dev/shm
 mount -t tmpfs -o mode=0755 run $R/run || fail "tmpfs on /run"
-mount -t tmpfs -o mode=1777 tmp $R/tmp || fail "tmpfs on /tmp"
+# A clean /tmp, except when the job (and so the checkout it runs from) lives under the host's
+# /tmp: a tmpfs would hide it. Then /tmp stays the overlay: the host's files, writes in VM memory.
+case "$qkd_job" in
+/tmp/*) ;;
+*) mount -t tmpfs -o mode=1777 tmp $R/tmp || fail "tmpfs on /tmp" ;;
+esac
 mount -t bpf bpf $R/sys/fs/bpf || fail "bpffs on /sys/fs/bpf"
 mount -t debugfs debugfs $R/sys/kernel/debug 2>/dev/null
 mount -t tracefs tracefs $R/sys/kernel/tracing 2>/dev/null

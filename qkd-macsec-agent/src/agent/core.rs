@@ -325,6 +325,12 @@ impl LinkCore {
         self.peer_mac
     }
 
+    /// When the active key's lifetime ends by age (`None` while stalled): the data plane's own
+    /// deadline, enforced by the eBPF programs even if this process dies.
+    pub fn active_expiry(&self) -> Option<Instant> {
+        self.active_since().map(|s| s + self.wd.limits().max_age)
+    }
+
     pub fn status(&self, now: Instant) -> Status {
         let next = match &self.roll {
             Roll::Idle => None,

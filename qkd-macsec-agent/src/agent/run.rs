@@ -255,6 +255,8 @@ struct LinkIo {
     state_dir: PathBuf,
     /// What the record on disk says (key, AN, since), to write it only when it changes.
     recorded: Option<(crate::watchdog::KeyRef, u8, Instant)>,
+    /// The key deadline last written to the data plane.
+    deadline: Option<Instant>,
 }
 
 async fn run_link(
@@ -328,6 +330,7 @@ async fn run_link(
         tx_kernel_key_id: adopted_kid,
         state_dir: global.state_dir.clone(),
         recorded: None,
+        deadline: None,
     };
     tracing::info!(link = %label, role = ?io.role, lower = %link.lower_interface, macsec = %link.macsec_interface, "link started");
     crate::privs::link_ready(index);
@@ -335,6 +338,7 @@ async fn run_link(
     loop {
         io.execute(&mut core);
         io.record(&core);
+        io.key_deadline(&core);
         if let Ok(mut s) = statuses.lock() {
             s[index] = Some(io.ops.complete(core.status(Instant::now())));
         }
@@ -419,6 +423,23 @@ fn adoption(
 }
 
 impl LinkIo {
+    /// Keeps the data plane's copy of the active key's expiry in step with the watchdog (see
+    /// `DataplaneConfig::key_deadline_ns`). Written after the commands of this round ran, so a
+    /// new key's deadline replaces the old one only once the kernel transmits with it; the old
+    /// one is later, never earlier, than any moment the old key is still used.
+    fn key_deadline(&mut self, core: &LinkCore) {
+        let want = core.active_expiry();
+        if want == self.deadline {
+            return;
+        }
+        match self.dp.set_key_deadline(want) {
+            Ok(()) => self.deadline = want,
+            Err(e) => {
+                tracing::warn!(link = %self.label, error = %e, "cannot update the data plane's key deadline; a killed agent's key would not expire by itself")
+            }
+        }
+    }
+
     /// Keeps the record of the active key in step with the core: written when a key becomes
     /// active, removed when none is (stalled), so a restart adopts exactly what is running.
     fn record(&mut self, core: &LinkCore) {

@@ -3,6 +3,7 @@
 use std::ffi::CString;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use aya::maps::{Array, MapData, PerCpuArray, PerCpuValues, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
@@ -499,6 +500,21 @@ impl Dataplane {
         self.put_config(cfg)
     }
 
+    /// Sets the end of the active key's lifetime (`None`: no key, no deadline): from then on the
+    /// programs drop data as if stalled, whether or not this process is still alive to set the
+    /// stall switch. Like the switch it lives in the pinned config map.
+    pub fn set_key_deadline(&mut self, deadline: Option<Instant>) -> Result<(), DataplaneError> {
+        let mut cfg = self.get_config()?;
+        cfg.key_deadline_ns = deadline.map_or(0, monotonic_ns);
+        self.put_config(cfg)
+    }
+
+    /// The deadline [`Dataplane::set_key_deadline`] wrote, as CLOCK_MONOTONIC nanoseconds (0:
+    /// none); for tests and diagnostics.
+    pub fn key_deadline_ns(&self) -> Result<u64, DataplaneError> {
+        Ok(self.get_config()?.key_deadline_ns)
+    }
+
     fn reg(&self, slot: u32) -> Result<SaReg, DataplaneError> {
         self.sa_reg
             .get(&slot, 0)
@@ -885,5 +901,66 @@ fn attach_err(
             ifname: ifname.to_owned(),
             detail: chain(e),
         },
+    }
+}
+
+/// `t` on CLOCK_MONOTONIC in nanoseconds, the clock `bpf_ktime_get_ns` reads. `Instant` is
+/// CLOCK_MONOTONIC on Linux but opaque, so the offset is taken from a reading of both now.
+/// Never 0 (which means "no deadline"): a deadline in the past is 1 ns.
+pub fn monotonic_ns(t: Instant) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime with a valid timespec pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    let now = Instant::now();
+    let now_ns = (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64);
+    let ns = if t >= now {
+        now_ns.saturating_add(u64::try_from((t - now).as_nanos()).unwrap_or(u64::MAX))
+    } else {
+        now_ns.saturating_sub(u64::try_from((now - t).as_nanos()).unwrap_or(u64::MAX))
+    };
+    ns.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn clock_ns() -> u64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: valid timespec pointer.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    }
+
+    #[test]
+    fn monotonic_ns_maps_instants_onto_the_bpf_clock() {
+        let before = clock_ns();
+        let now = monotonic_ns(Instant::now());
+        let later = monotonic_ns(Instant::now() + Duration::from_secs(5));
+        let earlier = monotonic_ns(Instant::now() - Duration::from_secs(1));
+        let after = clock_ns();
+        assert!(
+            before <= now && now <= after,
+            "{before} <= {now} <= {after}"
+        );
+        // Each conversion reads the clocks again, so allow the time the test itself takes.
+        let slack = after - before + 1_000_000;
+        assert!(
+            later.abs_diff(now + 5_000_000_000) <= slack,
+            "{later} vs {now}+5 s"
+        );
+        assert!(
+            earlier.abs_diff(now - 1_000_000_000) <= slack,
+            "{earlier} vs {now}-1 s"
+        );
     }
 }

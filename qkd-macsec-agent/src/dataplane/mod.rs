@@ -17,7 +17,7 @@ use std::path::PathBuf;
 
 pub use bench::{run_benchmark, BenchResult};
 pub use events::{DataplaneEvent, EventStream, LldpTlvEvent, PnCrossing};
-pub use loader::{Dataplane, DataplaneOptions, TcBackend, XdpAttachMode};
+pub use loader::{monotonic_ns, Dataplane, DataplaneOptions, TcBackend, XdpAttachMode};
 pub use maps::{IfCounters, SaCounters, SaKey, SaSlot, Sci};
 pub use qkd_macsec_common::{Counter, Direction, PN_THRESHOLDS};
 
