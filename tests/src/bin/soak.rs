@@ -119,6 +119,9 @@ struct Outcome {
     macsec_frames: u64,
     lldp_frames: u64,
     invalid_frames: u64,
+    /// Rejected RX frames per side (see [`SamplerState::rejected`]) and when, as bursts.
+    rejected_frames: [u64; 2],
+    rejected_bursts: Vec<String>,
     accepted_under_expired_key: u64,
     expired_violations: Vec<String>,
     keys_tracked: usize,
@@ -299,6 +302,9 @@ fn summarise(
         "macsec_frames": out.macsec_frames,
         "lldp_frames": out.lldp_frames,
         "invalid_frames": out.invalid_frames,
+        "rx_rejected_gw_a": out.rejected_frames[0],
+        "rx_rejected_gw_b": out.rejected_frames[1],
+        "rx_rejected_at": out.rejected_bursts.iter().take(50).collect::<Vec<_>>(),
         "accepted_under_expired_key": out.accepted_under_expired_key,
         "accepted_under_expired_key_at": out.expired_violations.iter().take(50).collect::<Vec<_>>(),
         "keys_tracked": out.keys_tracked,
@@ -321,6 +327,10 @@ struct SamplerState {
     /// First time each key was seen as an active encoding TX SA (either side).
     first_tx: BTreeMap<[u8; 16], Instant>,
     latest_tx: [Option<[u8; 16]>; 2],
+    /// Per side, the time and total of frames the RX SCs rejected (invalid, not valid, no SA,
+    /// unused SA) whenever that total grew: when and where frames were refused.
+    rejected: Vec<(Instant, usize, u64)>,
+    last_rejected: [u64; 2],
     errors: Vec<String>,
 }
 
@@ -388,6 +398,23 @@ impl KeySampler {
                                     st.first_tx.entry(k).or_insert(now);
                                 }
                                 st.latest_tx[side] = tx_key;
+                                let rejected: u64 = secy.map_or(0, |s| {
+                                    s.rx_scs
+                                        .iter()
+                                        .map(|sc| {
+                                            sc.stats.in_pkts_invalid
+                                                + sc.stats.in_pkts_not_valid
+                                                + sc.stats.in_pkts_not_using_sa
+                                                + sc.stats.in_pkts_unused_sa
+                                        })
+                                        .sum()
+                                });
+                                if rejected > st.last_rejected[side] {
+                                    let grew = rejected - st.last_rejected[side];
+                                    st.rejected.push((now, side, grew));
+                                }
+                                // A re-created SC starts from 0 again: follow it down too.
+                                st.last_rejected[side] = rejected;
                                 st.samples.push(KeySample {
                                     at: now - origin,
                                     side,
@@ -904,6 +931,35 @@ fn run(args: &Args, seed: u64, total: Duration, plan: &[Fault], out: &mut Outcom
         })
         .sum();
     out.invalid_frames = latest.iter().map(|v| v.in_invalid + v.in_not_valid).sum();
+    for side in Side::BOTH {
+        let mine: Vec<(Instant, u64)> = keys
+            .rejected
+            .iter()
+            .filter(|(_, s, _)| *s == side as usize)
+            .map(|(t, _, n)| (*t, *n))
+            .collect();
+        out.rejected_frames[side as usize] = mine.iter().map(|(_, n)| n).sum();
+        let times: Vec<Instant> = mine.iter().map(|(t, _)| *t).collect();
+        for (first, last, _) in bursts(&times, Duration::from_secs(1)) {
+            let n: u64 = mine
+                .iter()
+                .filter(|(t, _)| *t >= first && *t <= last)
+                .map(|(_, n)| n)
+                .sum();
+            incidents.push(to_wall(first));
+            out.rejected_bursts.push(format!(
+                "{:.2}-{:.2}s (UTC {}) {n} frames rejected by {} ({})",
+                first.saturating_duration_since(t0).as_secs_f64(),
+                last.saturating_duration_since(t0).as_secs_f64(),
+                &utc(to_wall(first))[11..23],
+                side.label(),
+                fault_at(first)
+            ));
+        }
+    }
+    for b in &out.rejected_bursts {
+        say(&format!("soak: RX REJECTED: {b}"));
+    }
     let mut excused = stalls.clone();
     excused.extend(
         rep.expired_tx_windows
