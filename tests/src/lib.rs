@@ -16,6 +16,7 @@
 //! [`testbed`]: two gateways with real agents, the KME simulator, traffic streams and wire
 //! captures, shared by `cargo xtask demo` and the end-to-end VM tests.
 
+pub mod soak;
 pub mod testbed;
 
 use std::ffi::OsStr;

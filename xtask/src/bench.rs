@@ -251,12 +251,21 @@ fn results_path() -> PathBuf {
 
 /// Merges `new` into target/bench/results.json, keeping other keys.
 pub fn merge(new: &BTreeMap<String, serde_json::Value>) -> Result<()> {
+    merge_replacing("", new)
+}
+
+/// Like [`merge`], but first drops every key starting with `prefix` (when not empty): a run
+/// that no longer reports a figure must not leave the previous run's value behind.
+pub fn merge_replacing(prefix: &str, new: &BTreeMap<String, serde_json::Value>) -> Result<()> {
     let path = results_path();
     let mut all: serde_json::Map<String, serde_json::Value> = match fs::read_to_string(&path) {
         Ok(s) => serde_json::from_str(&s)
             .with_context(|| format!("{} is not a JSON object; delete it", path.display()))?,
         Err(_) => serde_json::Map::new(),
     };
+    if !prefix.is_empty() {
+        all.retain(|k, _| !k.starts_with(prefix));
+    }
     for (k, v) in new {
         all.insert(k.clone(), v.clone());
         eprintln!("[bench] {k} = {v}");

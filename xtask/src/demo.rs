@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::util::{self, sh_quote};
+use crate::util;
 use crate::{setup, vm};
 
 pub struct Options {
@@ -25,29 +25,7 @@ pub fn run(opts: &Options) -> Result<u8> {
     if !util::is_root() {
         bail!("the demo creates network namespaces and loads eBPF programs: run it as root");
     }
-    // Set-up steps only when something is missing: a complete set-up is a no-op apart from
-    // checks, but those still cost seconds, so look first.
-    if which("bpf-linker").is_none() || setup::existing_vm_image().is_none() {
-        eprintln!("[demo] set-up incomplete; running `cargo xtask setup` steps");
-        setup::run(setup::Options::default())?;
-    }
-    eprintln!("[demo] building the agent and the demo program");
-    // One cargo invocation, so both binaries share one feature resolution and nothing is built
-    // twice.
-    util::run(
-        util::cmd(
-            "cargo",
-            &[
-                "build",
-                "-p",
-                "qkd-macsec-agent",
-                "-p",
-                "qkd-macsec-tests",
-                "--bins",
-            ],
-        )
-        .current_dir(util::repo_root()),
-    )?;
+    prepare("demo")?;
     let bin = util::repo_root().join("target/debug/qkd-macsec-demo");
     let in_vm = match opts.place.as_str() {
         "vm" => true,
@@ -55,7 +33,7 @@ pub fn run(opts: &Options) -> Result<u8> {
         "auto" => !host_has_macsec(),
         other => bail!("--place {other:?}: expected auto, host or vm"),
     };
-    let mut argv = vec![
+    let argv = vec![
         bin.to_string_lossy().into_owned(),
         "--seconds".into(),
         opts.seconds.to_string(),
@@ -66,34 +44,14 @@ pub fn run(opts: &Options) -> Result<u8> {
     ];
     let code = if in_vm {
         eprintln!("[demo] the host kernel has no MACsec: running the demo inside the MACsec VM");
-        // The console is the only way back out of the VM: the summary travels as a mark, in hex
-        // because the job shell's echo would interpret backslashes in the JSON.
-        let summary = "/tmp/qkd-macsec-demo-summary.json";
-        argv.extend(["--summary-file".into(), summary.into()]);
-        let words: Vec<String> = argv.iter().map(|w| sh_quote(w)).collect();
-        let body = format!(
-            "{}\nrc=$?\n[ -s {summary} ] && mark \"summary $(od -An -v -tx1 {summary} | tr -d ' \\n')\"\nexit $rc\n",
-            words.join(" ")
-        );
-        let job = vm::Job {
-            cwd: util::repo_root(),
-            env: vm::passthrough_env(),
-            body,
-            timeout: vm::timeout(Some(opts.seconds + 600))?,
-        };
-        let out = vm::run_job(&job)?;
+        let (out, summary) =
+            vm::run_with_summary(&argv, "demo", vm::timeout(Some(opts.seconds + 600))?)?;
         eprintln!(
             "[demo] VM: boot {:.1} s, total {:.1} s; wall time {:.1} s",
             out.boot.as_secs_f64(),
             out.elapsed.as_secs_f64(),
             t.elapsed().as_secs_f64()
         );
-        let summary = out
-            .marks
-            .iter()
-            .rev()
-            .find_map(|m| m.strip_prefix("summary "))
-            .and_then(unhex);
         match summary {
             // Repeated as the very last stdout line: the VM console may interleave kernel
             // messages after the demo's own last line.
@@ -116,21 +74,37 @@ pub fn run(opts: &Options) -> Result<u8> {
     Ok(code)
 }
 
-/// Decodes the hex the VM job sends the summary in; None when it is not valid UTF-8 hex.
-fn unhex(s: &str) -> Option<String> {
-    let s = s.trim();
-    if !s.len().is_multiple_of(2) {
-        return None;
+/// What the demo and the soak need before they run: the set-up steps when something is missing,
+/// then one debug build of the agent and the tests crate's programs.
+pub fn prepare(tag: &str) -> Result<()> {
+    // Set-up steps only when something is missing: a complete set-up is a no-op apart from
+    // checks, but those still cost seconds, so look first.
+    if which("bpf-linker").is_none() || setup::existing_vm_image().is_none() {
+        eprintln!("[{tag}] set-up incomplete; running `cargo xtask setup` steps");
+        setup::run(setup::Options::default())?;
     }
-    let bytes: Option<Vec<u8>> = (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect();
-    String::from_utf8(bytes?).ok()
+    eprintln!("[{tag}] building the agent and the test programs");
+    // One cargo invocation, so all binaries share one feature resolution and nothing is built
+    // twice.
+    util::run(
+        util::cmd(
+            "cargo",
+            &[
+                "build",
+                "-p",
+                "qkd-macsec-agent",
+                "-p",
+                "qkd-macsec-tests",
+                "--bins",
+            ],
+        )
+        .current_dir(util::repo_root()),
+    )?;
+    Ok(())
 }
 
 /// Whether this kernel can create a MACsec link: tried in a throw-away namespace.
-fn host_has_macsec() -> bool {
+pub fn host_has_macsec() -> bool {
     let ns = format!("qkd-demo-probe-{}", std::process::id());
     let ip = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
         .into_iter()
@@ -163,16 +137,4 @@ fn which(prog: &str) -> Option<PathBuf> {
         dirs.push(PathBuf::from(home).join(".cargo/bin"));
     }
     dirs.into_iter().map(|d| d.join(prog)).find(|p| p.is_file())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::unhex;
-
-    #[test]
-    fn unhex_decodes_the_vm_summary() {
-        assert_eq!(unhex("7b2261223a317d").as_deref(), Some("{\"a\":1}"));
-        assert_eq!(unhex("7b2"), None);
-        assert_eq!(unhex("zz"), None);
-    }
 }

@@ -7,6 +7,8 @@
 //! - `test`: every check, in order: fmt, clippy, unit tests, loopback integration tests, fuzz smoke run, privileged host tests, VM tests.
 //! - `build-ebpf`: builds the eBPF object alone.
 //! - `demo`: two QKD-keyed MACsec gateways with traffic and a live view (in the VM if needed).
+//! - `soak --minutes N`: the seeded chaos soak (faults against a live link), results under
+//!   `soak.*` in target/bench/results.json.
 //! - `bench [area]`: benchmarks, merged into target/bench/results.json, and the report.
 //! - `package`: the Debian package (target/package/*.deb).
 //! - `fuzz`: the cargo-fuzz targets in fuzz/, each for a time or a number of runs.
@@ -17,6 +19,7 @@ mod fuzz;
 mod package;
 mod report;
 mod setup;
+mod soak;
 mod test;
 mod util;
 mod vm;
@@ -90,6 +93,25 @@ enum Cmd {
         #[arg(long, default_value = "auto")]
         place: String,
     },
+    /// Chaos soak: the demo topology on a bridged wire under seeded random faults (KME outages,
+    /// latency, 503s, eavesdropper, LLDP loss/duplication/reordering, replayed TLVs, agent
+    /// kill -9). Ends by itself; summary JSON last and under soak.* in results.json; fails when
+    /// a frame was lost while keys were valid, plaintext hit the wire, or a frame was accepted
+    /// under an expired key.
+    Soak {
+        /// Length of the soak, minutes (30 s warm-up and 60 s cool-down included).
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+        /// Seed of the fault schedule (default: from the clock; printed either way).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Key profile: cak or sak.
+        #[arg(long, default_value = "sak")]
+        profile: String,
+        /// Datagrams per second in each direction.
+        #[arg(long, default_value_t = 100)]
+        pps: u32,
+    },
     /// Run the fuzz targets in fuzz/ one after the other (one job each); figures go to
     /// target/fuzz/summary.json. Fails if any target finds a crash.
     Fuzz {
@@ -147,6 +169,17 @@ fn main() -> ExitCode {
             profile,
             pps,
             place,
+        }),
+        Cmd::Soak {
+            minutes,
+            seed,
+            profile,
+            pps,
+        } => soak::run(&soak::Options {
+            minutes,
+            seed,
+            profile,
+            pps,
         }),
         Cmd::Bench { area } => bench::run(&area).map(|_| 0),
         Cmd::Fuzz {

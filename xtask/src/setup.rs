@@ -65,6 +65,11 @@ pub const VM_MODULES: &[&str] = &[
     "act_bpf",
     // The bridged test wire (testbed Wire::Bridged: a third namespace injects forged LLDP).
     "bridge",
+    // The chaos soak (`cargo xtask soak`) drops, delays, reorders and duplicates LLDP on the
+    // wire's bridge ports: a prio qdisc, a matchall filter for EtherType 0x88CC and netem.
+    "sch_prio",
+    "sch_netem",
+    "cls_matchall",
 ];
 
 /// The VM's /init; see [`build_initramfs`] for what it is given.
@@ -176,8 +181,15 @@ fn image_paths(cache: &Path, version: &str, root: &Path) -> VmImage {
     }
 }
 
-/// A key over everything the initramfs is made of, so a change to any of it rebuilds the image.
+/// A key over everything the initramfs is made of, so a change to any of it rebuilds the image:
+/// the key is part of the image's file name ([`image_paths`]), so an image built from another
+/// init script, kernel or module list is simply not found and gets rebuilt (and the stale one
+/// deleted by [`build_initramfs`]).
 fn initramfs_key(version: &str) -> u64 {
+    initramfs_key_of(INIT_SCRIPT, version, VM_MODULES)
+}
+
+fn initramfs_key_of(init_script: &str, version: &str, modules: &[&str]) -> u64 {
     // FNV-1a: stable across Rust releases, unlike DefaultHasher.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut feed = |bytes: &[u8]| {
@@ -188,9 +200,9 @@ fn initramfs_key(version: &str) -> u64 {
         h ^= 0xff;
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     };
-    feed(INIT_SCRIPT.as_bytes());
+    feed(init_script.as_bytes());
     feed(version.as_bytes());
-    for m in VM_MODULES {
+    for m in modules {
         feed(m.as_bytes());
     }
     h
@@ -720,6 +732,37 @@ fn visit_module(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn initramfs_key_changes_with_modules_script_and_kernel() {
+        let base = initramfs_key_of("#!/bin/sh\n", "6.1.0-56-amd64", &["macsec", "veth"]);
+        assert_eq!(
+            base,
+            initramfs_key_of("#!/bin/sh\n", "6.1.0-56-amd64", &["macsec", "veth"])
+        );
+        for other in [
+            initramfs_key_of(
+                "#!/bin/sh\n",
+                "6.1.0-56-amd64",
+                &["macsec", "veth", "sch_netem"],
+            ),
+            // Boundaries count: ["ab"] is not ["a", "b"].
+            initramfs_key_of("#!/bin/sh\n", "6.1.0-56-amd64", &["macsecveth"]),
+            initramfs_key_of("#!/bin/sh\nset -e\n", "6.1.0-56-amd64", &["macsec", "veth"]),
+            initramfs_key_of("#!/bin/sh\n", "6.1.0-57-amd64", &["macsec", "veth"]),
+        ] {
+            assert_ne!(base, other);
+        }
+        // The image path carries the key: a changed module list names another file, which
+        // does not exist yet, so the set-up builds it instead of reporting "up to date".
+        let cache = Path::new("/c");
+        let p = image_paths(cache, "6.1.0-56-amd64", Path::new("/c/r"));
+        assert!(p.initramfs.to_string_lossy().ends_with(&format!(
+            "initramfs-{:016x}.cpio",
+            initramfs_key("6.1.0-56-amd64")
+        )));
+        assert!(VM_MODULES.contains(&"sch_netem"));
+    }
 
     #[test]
     fn module_names_fold_dashes() {

@@ -131,6 +131,53 @@ pub fn vm_runner(cmd: Vec<String>) -> Result<u8> {
     Ok(exit_code(out.status))
 }
 
+/// Runs `argv` inside the VM with `--summary-file <path>` appended, for a program (the demo,
+/// the soak) that writes a one-line JSON summary there. Files written in the VM are thrown away
+/// and the console is the only way back out, so the job sends the summary as a `mark`, in hex
+/// because the job shell's echo would interpret backslashes in the JSON. Returns the outcome and
+/// the summary (None when the program wrote none).
+pub fn run_with_summary(
+    argv: &[String],
+    name: &str,
+    timeout: Duration,
+) -> Result<(Outcome, Option<String>)> {
+    let summary = format!("/tmp/qkd-macsec-{name}-summary.json");
+    let mut words: Vec<String> = argv.iter().map(|w| sh_quote(w)).collect();
+    words.extend(["--summary-file".into(), sh_quote(&summary)]);
+    let body = format!(
+        "{}\nrc=$?\n[ -s {summary} ] && mark \"summary $(od -An -v -tx1 {summary} | tr -d ' \\n')\"\nexit $rc\n",
+        words.join(" ")
+    );
+    let job = Job {
+        cwd: util::repo_root(),
+        env: passthrough_env(),
+        body,
+        timeout,
+    };
+    let out = run_job(&job)?;
+    let summary = out
+        .marks
+        .iter()
+        .rev()
+        .find_map(|m| m.strip_prefix("summary "))
+        .and_then(unhex);
+    Ok((out, summary))
+}
+
+/// Decodes the hex [`run_with_summary`] sends the summary in; None when it is not valid UTF-8
+/// hex.
+fn unhex(s: &str) -> Option<String> {
+    let s = s.trim();
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
 fn exec_line(cmd: &[String]) -> String {
     let words: Vec<String> = cmd.iter().map(|w| sh_quote(w)).collect();
     format!("exec {}\n", words.join(" "))
@@ -445,6 +492,13 @@ fn dump_boot_log(log: &VecDeque<String>, show: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unhex_decodes_the_vm_summary() {
+        assert_eq!(unhex("7b2261223a317d").as_deref(), Some("{\"a\":1}"));
+        assert_eq!(unhex("7b2"), None);
+        assert_eq!(unhex("zz"), None);
+    }
 
     #[test]
     fn exec_line_quotes_each_word() {

@@ -129,6 +129,9 @@ pub struct LinkCore {
     /// The AN of the last SA we transmitted with (the next rollover uses the one after it, so
     /// an exhausted SA that is still being removed is never reused at once).
     last_an: Option<u8>,
+    /// Master: when the INSTALL of the rollover in progress went out (its key's lifetime starts
+    /// there, see `activated`).
+    install_sent: Option<Instant>,
     peer_mac: Option<[u8; 6]>,
     /// Earliest time a peer that reports no active key may trigger another rollover.
     peer_reset_holdoff: Option<Instant>,
@@ -287,6 +290,7 @@ impl LinkCore {
             rollover_on_confirm: false,
             active: None,
             last_an: None,
+            install_sent: None,
             peer_mac: None,
             peer_reset_holdoff: None,
             retire_at: Vec::new(),
@@ -462,7 +466,15 @@ impl LinkCore {
                     sak.nonce.clone(),
                     now,
                 ) {
-                    Ok(()) => Roll::MasterInstalling { sak, an },
+                    Ok(()) => {
+                        // From this INSTALL on, the slave may switch to `an` at any moment:
+                        // what we knew about the AN it transmits on is stale until its ACK,
+                        // an authenticated HELLO or its frames tell us again (old RX SAs are
+                        // only retired on fresh evidence).
+                        self.peer_on_an = None;
+                        self.install_sent = Some(now);
+                        Roll::MasterInstalling { sak, an }
+                    }
                     Err(e) => {
                         self.rollover_failed(
                             format!("INSTALL of {} refused locally: {e}", kr.key_id),
@@ -634,7 +646,14 @@ impl LinkCore {
             .roll_started
             .take()
             .map(|t| now.saturating_duration_since(t));
-        self.wd.handle_activated(key, an, now);
+        // The slave switches first, on our INSTALL, so its use of the key began between the
+        // INSTALL and now: the master counts the lifetime from the INSTALL (both ends' counts
+        // then end no later than the earliest use; the cost is one rekey latency of lifetime).
+        let since = match self.role {
+            Role::Master => self.install_sent.take().unwrap_or(now),
+            Role::Slave => now,
+        };
+        self.wd.handle_activated_since(key, an, since, now);
         self.rollover_wanted = false;
         if let Some((old_key, old_an)) = old {
             if old_an != an {
@@ -653,12 +672,27 @@ impl LinkCore {
     }
 
     fn rollover_failed(&mut self, detail: String, an: u8, key: Option<KeyRef>) {
-        tracing::error!(link = %self.label, %detail, "rollover failed");
-        self.report(Report::RolloverFailed { detail });
         if let Some(peer) = self.peer_mac {
             self.commands
                 .push_back(Command::RetireRx { peer_mac: peer, an });
         }
+        self.rollover_given_up(detail, key);
+    }
+
+    /// A rollover whose outcome on the slave is unknown (see the INSTALL timeout): as
+    /// [`LinkCore::rollover_failed`], but the RX SA at `an` stays until the peer is seen on our
+    /// active AN or `max_age` from now.
+    fn rollover_undecided(&mut self, detail: String, an: u8, key: Option<KeyRef>, now: Instant) {
+        if let Some(peer) = self.peer_mac {
+            self.rx_retire
+                .push((an, peer, now + self.wd.limits().max_age));
+        }
+        self.rollover_given_up(detail, key);
+    }
+
+    fn rollover_given_up(&mut self, detail: String, key: Option<KeyRef>) {
+        tracing::error!(link = %self.label, %detail, "rollover failed");
+        self.report(Report::RolloverFailed { detail });
         // The SAK was handed out; whatever the outcome, it is never offered again.
         if let (Some(k), ProfileKind::Sak) = (key, self.kind) {
             self.keyx.retire(k.key_id);
@@ -677,8 +711,16 @@ impl LinkCore {
         self.commands.push_back(Command::Report(r));
     }
 
-    fn next_an(&self) -> u8 {
-        self.last_an.map_or(0, |an| (an + 1) % 4)
+    /// The AN for the next rollover: after the last one used, skipping the active AN and every
+    /// AN whose SAs are still on their way out (an old key the peer may still send with, or an
+    /// undecided rollover). `None` when all four are taken; one frees up within `max_age`.
+    fn next_an(&self) -> Option<u8> {
+        let start = self.last_an.map_or(0, |an| an + 1);
+        (0..4).map(|i| (start + i) % 4).find(|an| {
+            self.active.map(|(_, a)| a) != Some(*an)
+                && !self.rx_retire.iter().any(|(a, ..)| a == an)
+                && !self.retire_at.iter().any(|(_, a, _)| a == an)
+        })
     }
 
     fn try_start_rollover(&mut self, now: Instant) {
@@ -691,13 +733,17 @@ impl LinkCore {
         let Some(peer_mac) = self.peer_mac else {
             return;
         };
+        // Before taking a SAK from the supply: a SAK taken is never offered again.
+        let Some(an) = self.next_an() else {
+            tracing::warn!(link = %self.label, "no free AN for a rollover yet; retrying when an old SA is retired");
+            return;
+        };
         let mut nonce = vec![0u8; self.key_len];
         if self.kind == ProfileKind::Cak {
             (self.nonce)(&mut nonce);
         }
         match self.supply.next_sak(&nonce, now) {
             Ok(Some(sak)) => {
-                let an = self.next_an();
                 tracing::info!(link = %self.label, key_id = %sak.key_ref.key_id, kn = sak.key_ref.kn, an, "starting rollover");
                 self.commands.push_back(Command::PrepareRx {
                     peer_mac,
@@ -777,11 +823,18 @@ impl LinkCore {
                         if self.kind == ProfileKind::Cak && peer_lacks_key {
                             self.supply.forget(key_id, now);
                         }
-                        self.rollover_failed(
-                            format!("peer did not install {key_id} KN {kn} at AN {an}: {reason:?}"),
-                            an,
-                            Some(sak.key_ref),
-                        );
+                        let detail =
+                            format!("peer did not install {key_id} KN {kn} at AN {an}: {reason:?}");
+                        if reason == LostReason::Timeout {
+                            // No answer is not a no: the slave may have switched its TX to
+                            // `an` and only its ACK got lost (LLDP loss). Keep receiving there
+                            // like on an old SA: retired once the peer transmits on our active
+                            // AN, at the latest when a key started now would have expired.
+                            // `next_an` keeps the next attempt off this AN meanwhile.
+                            self.rollover_undecided(detail, an, Some(sak.key_ref), now);
+                        } else {
+                            self.rollover_failed(detail, an, Some(sak.key_ref));
+                        }
                     }
                     other => self.roll = other,
                 }

@@ -246,6 +246,14 @@ impl Watchdog {
     /// Refused (alarm, nothing else changes) if the key was retired. Re-announcing the active
     /// key is a no-op. Otherwise the previous key is retired for good.
     pub fn handle_activated(&mut self, key: KeyRef, an: u8, now: Instant) {
+        self.handle_activated_since(key, an, now, now);
+    }
+
+    /// [`Watchdog::handle_activated`] with the key's lifetime counted from `since` (at most
+    /// `now`): the master counts from its INSTALL, since the slave may have started
+    /// transmitting with the key any time after it, before the master itself switched.
+    pub fn handle_activated_since(&mut self, key: KeyRef, an: u8, since: Instant, now: Instant) {
+        let since = since.min(now);
         if self.retired.contains(&key) {
             tracing::error!(key_id = %key.key_id, kn = key.kn, an, "refusing to reactivate a retired key");
             self.actions
@@ -268,7 +276,7 @@ impl Watchdog {
         let a = ActiveKey {
             key,
             an,
-            since: now,
+            since,
             pn: 0,
             rollover_requested: false,
             warned: false,

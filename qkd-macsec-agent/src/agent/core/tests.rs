@@ -81,6 +81,13 @@ struct World {
     /// Latency of the wire from b to a (slave to master), and what is on its way.
     delay_b_to_a: Duration,
     in_flight: Vec<(Instant, Vec<u8>)>,
+    /// Everything b (the slave) sends is lost: ACKs and HELLOs, not the master's INSTALLs.
+    drop_b_to_a: bool,
+    /// Sets `drop_b_to_a` as soon as the master sends an INSTALL (LLDP loss that begins
+    /// mid-rollover: the slave gets the INSTALL, the master never gets the ACK).
+    drop_b_after_install: bool,
+    /// Every PrepareRx: who, AN, when.
+    prepared: Vec<(char, u8, Instant)>,
 }
 
 fn counter_nonce() -> NonceSource {
@@ -120,6 +127,9 @@ impl World {
             rate: 0,
             delay_b_to_a: Duration::ZERO,
             in_flight: Vec::new(),
+            drop_b_to_a: false,
+            drop_b_after_install: false,
+            prepared: Vec::new(),
         }
     }
 
@@ -187,7 +197,14 @@ impl World {
                 core.handle_dec_key(key_id, r, now);
             }
             Command::SendTlv(p) => {
-                if self.wire_up {
+                if who == 'a'
+                    && self.drop_b_after_install
+                    && crate::keyx::wire::Message::decode(&p)
+                        .is_ok_and(|m| matches!(m.body, crate::keyx::wire::Body::Install { .. }))
+                {
+                    self.drop_b_to_a = true;
+                }
+                if self.wire_up && !(who == 'b' && self.drop_b_to_a) {
                     if who == 'b' && !self.delay_b_to_a.is_zero() {
                         self.in_flight.push((now + self.delay_b_to_a, p));
                     } else {
@@ -202,6 +219,7 @@ impl World {
                     "RX SC of the peer"
                 );
                 k.rx.insert(an, sak.key.expose().to_vec());
+                self.prepared.push((who, an, now));
                 core.handle_rx_prepared(an, Ok(()), now);
             }
             Command::ActivateTx { an, sak } => {
@@ -289,12 +307,13 @@ impl World {
         self.run_until(until);
     }
 
-    /// Whenever both sides transmit, each one's TX key is what the other receives with.
+    /// Whenever one side transmits and the other is not stalled (a stall drops everything it
+    /// receives anyway), the receiver holds the sender's TX key at the sender's AN.
     fn check_invariants(&mut self) {
         for (name, me, other) in [("a", &self.ka, &self.kb), ("b", &self.kb, &self.ka)] {
             if let Some(an) = me.encoding {
                 let (tx, active) = me.tx.get(&an).cloned().unwrap_or_default();
-                if active && !me.stall {
+                if active && !me.stall && !other.stall {
                     assert_eq!(
                         other.rx.get(&an),
                         Some(&tx),
@@ -698,5 +717,113 @@ fn a_slow_ack_never_retires_the_masters_old_sa_before_the_master_switches() {
         );
         assert!(!w.ka.stall && !w.kb.stall);
         assert_never_reused(&w.ka);
+    }
+}
+
+#[test]
+fn a_lost_ack_never_takes_away_the_sa_the_slave_switched_to() {
+    // LLDP from the slave is lost for a while: the slave gets the INSTALL, switches its TX and
+    // ACKs, but the master never hears it and times the rollover out. The slave now transmits on
+    // the new AN; the master must keep receiving there (check_invariants) and must not put the
+    // next key on that AN. Once LLDP is back the link rolls on.
+    for profile in ["cak", "sak"] {
+        let mut w = World::new(profile, "gcm-aes-256");
+        w.rate = 100;
+        w.run_for(Duration::from_secs(100));
+        assert!(w.in_sync());
+        let enc_b = w.kb.encoding;
+        // From the next INSTALL on, the slave's answers are lost.
+        let first_attempt = w.prepared.len();
+        w.drop_b_after_install = true;
+        let deadline = w.now + Duration::from_secs(3000);
+        while w.kb.encoding == enc_b {
+            assert!(
+                w.now < deadline,
+                "{profile}: the slave never switched (drop {} enc {:?} a {:?})",
+                w.drop_b_to_a,
+                w.kb.encoding,
+                w.ka.encoding
+            );
+            w.run_for(Duration::from_millis(100));
+        }
+        assert!(w.drop_b_to_a, "the slave switched without an INSTALL?");
+        w.drop_b_after_install = false;
+        let failures = |w: &World| {
+            w.reports
+                .iter()
+                .filter(|(who, r)| *who == 'a' && matches!(r, Report::RolloverFailed { .. }))
+                .count()
+        };
+        let before = failures(&w);
+        let deadline = w.now + Duration::from_secs(60);
+        while failures(&w) == before {
+            assert!(
+                w.now < deadline,
+                "{profile}: the master never timed the rollover out"
+            );
+            w.run_for(Duration::from_millis(100));
+        }
+        let switched_to = w.kb.encoding.expect("the slave transmits");
+        // The slave transmits on its new AN with a key the master gave up on: the master still
+        // receives it there (and check_invariants holds at every step from here on).
+        assert_eq!(
+            w.ka.rx.get(&switched_to),
+            w.kb.tx.get(&switched_to).map(|t| &t.0),
+            "{profile}: the master dropped the SA the slave transmits on"
+        );
+        w.run_for(Duration::from_secs(30));
+        // Every attempt while the ACKs were lost went to an AN of its own (never one the slave
+        // might be transmitting on) and never to the master's own.
+        let attempts: Vec<u8> = w.prepared[first_attempt..]
+            .iter()
+            .filter(|(who, ..)| *who == 'a')
+            .map(|(_, an, _)| *an)
+            .collect();
+        let mut distinct = attempts.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert!(
+            attempts.len() >= 2 && distinct.len() == attempts.len(),
+            "{profile}: attempts while the ACKs were lost: {attempts:?}"
+        );
+        assert!(
+            !attempts.contains(&w.ka.encoding.unwrap()),
+            "{profile}: {attempts:?}"
+        );
+        eprintln!("{profile}: attempts on ANs {attempts:?} while the slave's answers were lost");
+        w.drop_b_to_a = false;
+        let rolled = w.ka.tx_history.len();
+        w.run_for(Duration::from_secs(3000));
+        assert!(
+            w.ka.tx_history.len() > rolled,
+            "{profile}: rollovers go on after LLDP returned"
+        );
+        assert!(w.in_sync(), "{profile}: both ends on one key again");
+        assert_never_reused(&w.ka);
+    }
+}
+
+#[test]
+fn the_master_counts_a_keys_lifetime_from_its_install_not_from_its_own_switch() {
+    // With a 3 s ACK latency the master switches 3 s after the slave. Its count must not start
+    // then: the key was in use since the slave's switch, and both ends must stop using it by
+    // the earliest use plus the lifetime.
+    for profile in ["cak", "sak"] {
+        let mut w = World::new(profile, "gcm-aes-256");
+        w.rate = 100;
+        w.run_for(Duration::from_secs(100));
+        w.delay_b_to_a = Duration::from_secs(3);
+        let rolled = w.ka.tx_history.len();
+        while w.ka.tx_history.len() == rolled {
+            w.run_for(Duration::from_millis(100));
+        }
+        w.run_for(Duration::from_millis(100));
+        let (a, b) = (w.a.active_since().unwrap(), w.b.active_since().unwrap());
+        assert!(
+            a <= b,
+            "{profile}: the master's count starts {:?} after the slave's",
+            a - b
+        );
+        assert_eq!(w.a.active().map(|k| k.0), w.b.active().map(|k| k.0));
     }
 }
