@@ -1545,6 +1545,24 @@ pub fn capture_lldp(ns: &NetNs, ifname: &str, dur: Duration) -> Vec<Vec<u8>> {
     out
 }
 
+/// Offset and length of the project TLV payload (after OUI and subtype) in an LLDPDU
+/// frame: the first organizationally specific TLV (type 127) that fits in the frame.
+pub fn org_tlv_payload(frame: &[u8]) -> Option<(usize, usize)> {
+    let mut off = 14;
+    while off + 2 <= frame.len() {
+        let hdr = u16::from_be_bytes([frame[off], frame[off + 1]]);
+        let (ty, len) = (hdr >> 9, usize::from(hdr & 0x1ff));
+        if ty == 0 {
+            return None;
+        }
+        if ty == 127 && len > 4 && off + 2 + len <= frame.len() {
+            return Some((off + 2 + 4, len - 4));
+        }
+        off += 2 + len;
+    }
+    None
+}
+
 /// Frames in `r` lost outside every window in `windows` (each widened by `margin` on both sides);
 /// an open window runs to now. "Lost while keys were valid" in the tests.
 pub fn lost_outside(

@@ -10,8 +10,8 @@ use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::time::{Duration, Instant};
 
 use qkd_macsec_tests::testbed::{
-    capture_lldp, lost_outside, LinkSpec, Monitor, Running, Side, Testbed, TestbedOptions, Wire,
-    WireCapture, LOWER_IF, SECURE_TIMEOUT,
+    capture_lldp, lost_outside, org_tlv_payload, LinkSpec, Monitor, Running, Side, Testbed,
+    TestbedOptions, Wire, WireCapture, LOWER_IF, SECURE_TIMEOUT,
 };
 use qkd_macsec_tests::{require_macsec, NetNs};
 
@@ -42,23 +42,6 @@ const CPU_EXTRA_BOUND: f64 = 0.35;
 /// Bound on an agent's RSS growth over the flood: the event ring is mapped from the start and
 /// nothing per frame or per source is kept in userspace.
 const RSS_GROWTH_BOUND_KIB: u64 = 4 * 1024;
-
-/// Offset and length of the project TLV payload (after OUI and subtype) in an LLDPDU frame.
-fn org_tlv_payload(frame: &[u8]) -> Option<(usize, usize)> {
-    let mut off = 14;
-    while off + 2 <= frame.len() {
-        let hdr = u16::from_be_bytes([frame[off], frame[off + 1]]);
-        let (ty, len) = (hdr >> 9, usize::from(hdr & 0x1ff));
-        if ty == 0 {
-            return None;
-        }
-        if ty == 127 && len > 4 && off + 2 + len <= frame.len() {
-            return Some((off + 2 + 4, len - 4));
-        }
-        off += 2 + len;
-    }
-    None
-}
 
 /// (utime + stime) of a whole process in seconds, from /proc/<pid>/stat.
 fn cpu_seconds(pid: u32) -> f64 {

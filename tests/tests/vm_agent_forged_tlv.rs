@@ -7,27 +7,9 @@ use std::time::{Duration, Instant};
 
 use qkd_macsec_tests::require_macsec;
 use qkd_macsec_tests::testbed::{
-    capture_lldp, inject_frames, lost_outside, LinkSpec, Running, TestbedOptions, Wire,
-    SECURE_TIMEOUT,
+    capture_lldp, inject_frames, lost_outside, org_tlv_payload, LinkSpec, Running, TestbedOptions,
+    Wire, SECURE_TIMEOUT,
 };
-
-/// Offset of the project's TLV payload inside an LLDPDU frame: the first TLV whose type is 127
-/// (organizationally specific); returns the payload start after OUI and subtype.
-fn org_tlv_payload(frame: &[u8]) -> Option<(usize, usize)> {
-    let mut off = 14;
-    while off + 2 <= frame.len() {
-        let hdr = u16::from_be_bytes([frame[off], frame[off + 1]]);
-        let (ty, len) = (hdr >> 9, usize::from(hdr & 0x1ff));
-        if ty == 0 {
-            return None;
-        }
-        if ty == 127 && len > 4 && off + 2 + len <= frame.len() {
-            return Some((off + 2 + 4, len - 4));
-        }
-        off += 2 + len;
-    }
-    None
-}
 
 #[test]
 fn forged_and_replayed_tlvs_from_a_third_namespace_are_ignored() {
