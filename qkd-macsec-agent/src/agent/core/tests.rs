@@ -10,6 +10,25 @@ use crate::config::Config;
 const A_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xA];
 const B_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xB];
 
+/// The SCI the kernel gives a MACsec link on `mac` (port 1).
+fn sci_of(mac: [u8; 6]) -> u64 {
+    let mut b = [0u8; 8];
+    b[..6].copy_from_slice(&mac);
+    b[7] = 1;
+    u64::from_be_bytes(b)
+}
+
+/// A start of the gateway at `mac`; `seq` also serves as its incarnation, so every start in a
+/// test gets its own.
+fn start(mac: [u8; 6], seq: u64) -> Start {
+    Start {
+        initial_seq: seq,
+        incarnation: seq,
+        local_sci: sci_of(mac),
+        used_keys: Vec::new(),
+    }
+}
+
 fn link_toml(profile: &str, cipher: &str, extra: &str) -> String {
     format!(
         r#"
@@ -108,8 +127,8 @@ impl World {
     fn with(profile: &str, cipher: &str, extra: &str) -> Self {
         let (la, lb) = links(profile, cipher, extra);
         let now = Instant::now();
-        let a = LinkCore::new(&la, 1_000, counter_nonce(), now);
-        let b = LinkCore::new(&lb, 5_000, counter_nonce(), now);
+        let a = LinkCore::new(&la, start(A_MAC, 1_000), counter_nonce(), now);
+        let b = LinkCore::new(&lb, start(B_MAC, 5_000), counter_nonce(), now);
         assert_eq!(a.role(), Role::Master);
         assert_eq!(b.role(), Role::Slave);
         Self {
@@ -512,7 +531,7 @@ fn restart_of_the_slave_rebootstraps() {
     assert!(w.in_sync());
     // The slave agent restarts: new core, same kernel state (adopted).
     let (_, lb) = links("sak", "gcm-aes-256", "");
-    w.b = LinkCore::new(&lb, 9_000, counter_nonce(), w.now);
+    w.b = LinkCore::new(&lb, start(B_MAC, 9_000), counter_nonce(), w.now);
     w.settle();
     // Without a record (see restart_with_a_record_*) the new slave cannot vouch for the running
     // SA's age, so it stalls its side.
@@ -557,10 +576,10 @@ fn restart_with_record(profile: &str, who: char) {
     let before = w.ka.tx_history.len();
     if who == 'a' {
         let adopt = adoption_of(&w.a, &w.ka, w.now);
-        w.a = LinkCore::new_adopted(&la, 9_000, counter_nonce(), adopt, w.now);
+        w.a = LinkCore::new_adopted(&la, start(A_MAC, 9_000), counter_nonce(), adopt, w.now);
     } else {
         let adopt = adoption_of(&w.b, &w.kb, w.now);
-        w.b = LinkCore::new_adopted(&lb, 9_000, counter_nonce(), adopt, w.now);
+        w.b = LinkCore::new_adopted(&lb, start(B_MAC, 9_000), counter_nonce(), adopt, w.now);
     }
     w.settle();
     let restarted = w.now;
@@ -625,7 +644,7 @@ fn adopted_key_lifetime_counts_from_when_it_became_active() {
     let (_, lb) = links("sak", "gcm-aes-256", "");
     let adopt = adoption_of(&w.b, &w.kb, w.now);
     let expires = w.b.active_since().unwrap() + Duration::from_secs(600);
-    w.b = LinkCore::new_adopted(&lb, 9_000, counter_nonce(), adopt, w.now);
+    w.b = LinkCore::new_adopted(&lb, start(B_MAC, 9_000), counter_nonce(), adopt, w.now);
     w.settle();
     assert!(!w.kb.stall, "adopted without a stall");
     while !w.kb.stall && w.now < expires + Duration::from_secs(600) {
@@ -646,7 +665,7 @@ fn an_expired_record_stalls_at_once() {
     let (_, lb) = links("cak", "gcm-aes-256", "");
     let mut adopt = adoption_of(&w.b, &w.kb, w.now);
     adopt.age = Duration::from_secs(601);
-    w.b = LinkCore::new_adopted(&lb, 9_000, counter_nonce(), adopt, w.now);
+    w.b = LinkCore::new_adopted(&lb, start(B_MAC, 9_000), counter_nonce(), adopt, w.now);
     w.settle();
     assert!(w.kb.stall, "a key past its lifetime is never adopted");
     assert!(w.b.is_stalled());
@@ -668,6 +687,9 @@ fn forged_hellos_claiming_the_slave_lost_its_keys_never_stall_the_link() {
             let forged = Message {
                 seq: 1_000_000 + i,
                 sender: "SAE_B".into(),
+                sci: sci_of(B_MAC),
+                incarnation: 77,
+                echo: 0,
                 auth: None,
                 body: Body::Hello {
                     active: None,

@@ -5,10 +5,29 @@ use crate::keyx::wire::MsgType;
 
 const MS: Duration = Duration::from_millis(1);
 
+/// The master's and the slave's SCI (lower interface MAC, port 1) and incarnations.
+const A_SCI: u64 = 0x0200_0000_000a_0001;
+const B_SCI: u64 = 0x0200_0000_000b_0001;
+const A_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x0a];
+const B_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x0b];
+const M_INC: u64 = 0x1111_0000_0000_0001;
+const S_INC: u64 = 0x2222_0000_0000_0001;
+
 fn cfg(role: Role) -> KeyxConfig {
-    let (local, peer) = match role {
-        Role::Master => ("SAE_A", "SAE_B"),
-        Role::Slave => ("SAE_B", "SAE_A"),
+    cfg_inc(
+        role,
+        match role {
+            Role::Master => M_INC,
+            Role::Slave => S_INC,
+        },
+    )
+}
+
+/// The config of a new life of an agent (a restart draws a new incarnation).
+fn cfg_inc(role: Role, incarnation: u64) -> KeyxConfig {
+    let (local, peer, sci) = match role {
+        Role::Master => ("SAE_A", "SAE_B", A_SCI),
+        Role::Slave => ("SAE_B", "SAE_A", B_SCI),
     };
     KeyxConfig {
         role,
@@ -20,7 +39,14 @@ fn cfg(role: Role) -> KeyxConfig {
         availability_window: Duration::from_secs(10),
         max_rx_per_sec: 20,
         initial_seq: 1000,
+        incarnation,
+        local_sci: sci,
     }
+}
+
+/// The source address a frame carrying `p` has on an honest wire: its sender's SCI's MAC.
+fn src(p: &[u8]) -> [u8; 6] {
+    Message::decode(p).map_or([0; 6], |m| super::sci_mac(m.sci))
 }
 
 fn kid(n: u8) -> KeyId {
@@ -47,7 +73,7 @@ fn types(ps: &[Vec<u8>]) -> Vec<MsgType> {
 
 fn deliver(ps: Vec<Vec<u8>>, to: &mut Keyx, now: Instant) {
     for p in ps {
-        let _ = to.handle_payload(&p, now);
+        let _ = to.handle_payload(&p, src(&p), now);
     }
 }
 
@@ -148,7 +174,9 @@ fn bootstrap_delivery_and_install() {
             key: key(1)
         }]
     );
-    assert_eq!((m.anchor(), s.anchor()), (Some(kid(1)), Some(kid(1))));
+    // The master's anchor moves on the slave's proof of possession; the slave's only on the
+    // master's (its first message tagged with the key), never on its own fetch.
+    assert_eq!((m.anchor(), s.anchor()), (Some(kid(1)), None));
     // Nothing left to retransmit.
     assert_eq!(
         m.poll_timeout(),
@@ -160,6 +188,8 @@ fn bootstrap_delivery_and_install() {
     m.install(kid(1), KeyRole::Sak, 1, 1, None, t).unwrap();
     let i = out(&mut m);
     assert_eq!(Message::decode(&i[0]).unwrap().auth, Some(kid(1)));
+    // Bound to the slave incarnation whose ACK confirmed the key.
+    assert_eq!(Message::decode(&i[0]).unwrap().echo, S_INC);
     deliver(i, &mut s, t);
     assert_eq!(
         events(&mut s),
@@ -181,10 +211,13 @@ fn bootstrap_delivery_and_install() {
             an: 1
         }]
     );
-    // Later announces are authenticated under the anchor.
+    // Later announces are authenticated under the anchor, which the slave then takes up.
     m.announce(kid(2), KeyRole::Sak, 2, key(2), t, None, t)
         .unwrap();
-    assert_eq!(Message::decode(&out(&mut m)[0]).unwrap().auth, Some(kid(1)));
+    let a2 = out(&mut m);
+    assert_eq!(Message::decode(&a2[0]).unwrap().auth, Some(kid(1)));
+    deliver(a2, &mut s, t);
+    assert_eq!(s.anchor(), Some(kid(1)));
 }
 
 #[test]
@@ -296,20 +329,73 @@ fn lost_first_announce_is_recovered_by_retransmission_with_a_new_sequence_number
 fn key_gone_makes_the_master_drop_the_key() {
     let t = Instant::now();
     let (mut m, mut s) = pair(t);
-    m.announce(kid(1), KeyRole::Sak, 1, key(1), t, None, t)
+    deliver_key(&mut m, &mut s, 1, t);
+    m.announce(kid(2), KeyRole::Sak, 2, key(2), t, None, t)
         .unwrap();
     deliver(out(&mut m), &mut s, t);
     slave_fetches(&mut s, |_| Err(NackReason::KeyGone));
-    deliver(out(&mut s), &mut m, t);
+    let nack = out(&mut s);
+    // Authenticated under the anchor the master's ANNOUNCE proved.
+    assert_eq!(Message::decode(&nack[0]).unwrap().auth, Some(kid(1)));
+    deliver(nack, &mut m, t);
     assert_eq!(
         events(&mut m),
         vec![Event::KeyLost {
-            key_id: kid(1),
+            key_id: kid(2),
             reason: LostReason::Refused(NackReason::KeyGone)
         }]
     );
     // The master re-issues with a new key, which works.
-    deliver_key(&mut m, &mut s, 2, t);
+    deliver_key(&mut m, &mut s, 3, t);
+}
+
+/// Issue 17 item 5: before anything is shared the slave's refusals are unauthenticated, and
+/// anyone can send one. Acting on it let an attacker who raced a NACK ahead of every ACK stop
+/// the link from ever keying; now the refusal changes nothing and the genuine ACK wins.
+#[test]
+fn a_forged_nack_raced_ahead_of_the_ack_does_not_stop_bootstrap() {
+    let t = Instant::now();
+    let (mut m, mut s) = pair(t);
+    m.announce(kid(1), KeyRole::Sak, 1, key(1), t, None, t)
+        .unwrap();
+    deliver(out(&mut m), &mut s, t);
+    let forged = Message {
+        seq: 1,
+        sender: "SAE_B".into(),
+        sci: B_SCI,
+        incarnation: S_INC,
+        echo: M_INC,
+        auth: None,
+        body: Body::Nack {
+            key_id: kid(1),
+            role: KeyRole::Sak,
+            kn: 1,
+            reason: NackReason::KeyGone,
+        },
+    };
+    let _ = m.handle_payload(&forged.encode(None).unwrap(), B_MAC, t);
+    assert!(events(&mut m).is_empty(), "no KeyLost on a forged word");
+    assert_eq!(m.stats().unauthenticated_ignored, 1);
+    slave_fetches(&mut s, |_| Ok(key(1)));
+    deliver(out(&mut s), &mut m, t);
+    assert!(matches!(
+        events(&mut m).as_slice(),
+        [Event::KeyConfirmed { .. }]
+    ));
+    // A genuine "key gone" before anything is shared is unauthenticated too: the master keeps
+    // announcing until the availability window closes, then fetches another key.
+    let (mut m, mut s) = pair(t);
+    m.announce(kid(2), KeyRole::Sak, 2, key(2), t, None, t)
+        .unwrap();
+    deliver(out(&mut m), &mut s, t);
+    slave_fetches(&mut s, |_| Err(NackReason::KeyGone));
+    deliver(out(&mut s), &mut m, t);
+    assert!(events(&mut m).is_empty());
+    m.handle_timeout(t + Duration::from_secs(10));
+    assert!(events(&mut m).contains(&Event::KeyLost {
+        key_id: kid(2),
+        reason: LostReason::Timeout
+    }));
 }
 
 #[test]
@@ -345,7 +431,7 @@ fn forged_and_tampered_installs_do_nothing() {
     for i in 0..genuine.len() {
         let mut p = genuine.clone();
         p[i] ^= 0x80;
-        let _ = s.handle_payload(&p, t);
+        let _ = s.handle_payload(&p, A_MAC, t);
     }
     assert!(events(&mut s).is_empty());
     assert!(s.stats().bad_tag + s.stats().malformed > 0);
@@ -354,6 +440,9 @@ fn forged_and_tampered_installs_do_nothing() {
     let forged = Message {
         seq: 5,
         sender: "SAE_A".into(),
+        sci: A_SCI,
+        incarnation: M_INC,
+        echo: S_INC,
         auth: None,
         body: Body::Install {
             key_id: kid(1),
@@ -363,14 +452,14 @@ fn forged_and_tampered_installs_do_nothing() {
             nonce: None,
         },
     };
-    let _ = s.handle_payload(&forged.encode(None).unwrap(), t);
+    let _ = s.handle_payload(&forged.encode(None).unwrap(), A_MAC, t);
     // One tagged under a key the attacker invented: not known, treated as unauthenticated.
     let fake = Ick::derive(&key(66), kid(66), "SAE_A", "SAE_B").unwrap();
     let forged2 = Message {
         auth: Some(kid(66)),
         ..forged.clone()
     };
-    let _ = s.handle_payload(&forged2.encode(Some(&fake)).unwrap(), t);
+    let _ = s.handle_payload(&forged2.encode(Some(&fake)).unwrap(), A_MAC, t);
     // One tagged under a different *known* key (the slave holds key 2 too): not proof of key 1.
     deliver_key(&mut m, &mut s, 2, t);
     let other = Message {
@@ -378,11 +467,11 @@ fn forged_and_tampered_installs_do_nothing() {
         ..forged
     };
     let ick2 = Ick::derive(&key(2), kid(2), "SAE_A", "SAE_B").unwrap();
-    let _ = s.handle_payload(&other.encode(Some(&ick2)).unwrap(), t);
+    let _ = s.handle_payload(&other.encode(Some(&ick2)).unwrap(), A_MAC, t);
     assert!(events(&mut s).is_empty());
 
     // The genuine one still works.
-    let _ = s.handle_payload(&genuine, t);
+    let _ = s.handle_payload(&genuine, A_MAC, t);
     assert!(matches!(
         events(&mut s).as_slice(),
         [Event::InstallRequested { an: 2, .. }]
@@ -419,6 +508,9 @@ fn replayed_install_is_dropped_and_retired_keys_are_refused() {
     let again = Message {
         seq: u64::MAX / 2,
         sender: "SAE_A".into(),
+        sci: A_SCI,
+        incarnation: M_INC,
+        echo: S_INC,
         auth: Some(kid(1)),
         body: Body::Install {
             key_id: kid(1),
@@ -428,7 +520,7 @@ fn replayed_install_is_dropped_and_retired_keys_are_refused() {
             nonce: None,
         },
     };
-    let _ = s.handle_payload(&again.encode(Some(&ick1)).unwrap(), t);
+    let _ = s.handle_payload(&again.encode(Some(&ick1)).unwrap(), A_MAC, t);
     assert!(events(&mut s).is_empty());
     let nack = out(&mut s);
     assert!(matches!(
@@ -442,6 +534,9 @@ fn replayed_install_is_dropped_and_retired_keys_are_refused() {
     let ann = Message {
         seq: 1,
         sender: "SAE_A".into(),
+        sci: A_SCI,
+        incarnation: M_INC,
+        echo: 0,
         auth: None,
         body: Body::Announce {
             key_id: kid(1),
@@ -449,7 +544,11 @@ fn replayed_install_is_dropped_and_retired_keys_are_refused() {
             kn: 1,
         },
     };
-    let _ = s.handle_payload(&ann.encode(None).unwrap(), t + Duration::from_secs(1));
+    let _ = s.handle_payload(
+        &ann.encode(None).unwrap(),
+        A_MAC,
+        t + Duration::from_secs(1),
+    );
     assert!(events(&mut s).is_empty());
 }
 
@@ -524,7 +623,7 @@ fn install_of_unknown_key_is_nacked() {
     let (mut m, mut s) = pair(t);
     deliver_key(&mut m, &mut s, 1, t);
     // The slave restarts and loses everything.
-    let mut s2 = Keyx::new(cfg(Role::Slave), t);
+    let mut s2 = Keyx::new(cfg_inc(Role::Slave, S_INC + 1), t);
     m.install(kid(1), KeyRole::Sak, 1, 1, None, t).unwrap();
     deliver(out(&mut m), &mut s2, t);
     assert!(events(&mut s2).is_empty());
@@ -536,7 +635,9 @@ fn install_of_unknown_key_is_nacked() {
     // The restarted slave still processes the master's anchor-tagged ANNOUNCE (unknown key
     // to it, so treated as unauthenticated), and the link re-bootstraps.
     deliver_key(&mut m, &mut s2, 3, t);
-    assert_eq!(s2.anchor(), Some(kid(3)));
+    m.handle_timeout(t + Duration::from_secs(5));
+    deliver(out(&mut m), &mut s2, t + Duration::from_secs(5));
+    assert_eq!(s2.anchor(), Some(kid(3)), "the master's HELLO under key 3");
     let _ = s;
 }
 
@@ -551,6 +652,9 @@ fn unauthenticated_nack_is_ignored_once_a_secret_is_shared() {
     let forged = Message {
         seq: 1,
         sender: "SAE_B".into(),
+        sci: B_SCI,
+        incarnation: S_INC,
+        echo: M_INC,
         auth: None,
         body: Body::Nack {
             key_id: kid(2),
@@ -559,7 +663,7 @@ fn unauthenticated_nack_is_ignored_once_a_secret_is_shared() {
             reason: NackReason::KeyGone,
         },
     };
-    let _ = m.handle_payload(&forged.encode(None).unwrap(), t);
+    let _ = m.handle_payload(&forged.encode(None).unwrap(), B_MAC, t);
     assert!(
         events(&mut m).is_empty(),
         "the pending key survives a forged refusal"
@@ -573,6 +677,9 @@ fn wrong_sender_and_role_confusion_are_dropped() {
     let ann = Message {
         seq: 1,
         sender: "SAE_X".into(),
+        sci: A_SCI,
+        incarnation: M_INC,
+        echo: 0,
         auth: None,
         body: Body::Announce {
             key_id: kid(1),
@@ -580,14 +687,15 @@ fn wrong_sender_and_role_confusion_are_dropped() {
             kn: 1,
         },
     };
-    let _ = s.handle_payload(&ann.encode(None).unwrap(), t);
+    let _ = s.handle_payload(&ann.encode(None).unwrap(), A_MAC, t);
     assert_eq!(s.stats().wrong_sender, 1);
     // The master does not act on ANNOUNCE (reflection of its own message with the peer's name).
     let refl = Message {
         sender: "SAE_B".into(),
+        sci: B_SCI,
         ..ann
     };
-    let _ = m.handle_payload(&refl.encode(None).unwrap(), t);
+    let _ = m.handle_payload(&refl.encode(None).unwrap(), B_MAC, t);
     assert_eq!(m.stats().unexpected, 1);
     assert!(events(&mut m).is_empty() && events(&mut s).is_empty());
     assert_eq!(
@@ -632,6 +740,9 @@ fn flood_is_rate_limited_but_genuine_messages_get_through() {
         let p = Message {
             seq: u64::from(i),
             sender: "SAE_A".into(),
+            sci: A_SCI,
+            incarnation: M_INC,
+            echo: 0,
             auth: None,
             body: Body::Announce {
                 key_id: KeyId(id),
@@ -639,7 +750,7 @@ fn flood_is_rate_limited_but_genuine_messages_get_through() {
                 kn: i,
             },
         };
-        let _ = s.handle_payload(&p.encode(None).unwrap(), t + MS * i);
+        let _ = s.handle_payload(&p.encode(None).unwrap(), A_MAC, t + MS * i);
     }
     let fetches = events(&mut s)
         .into_iter()
@@ -709,6 +820,10 @@ fn hello_carries_status_and_is_periodic() {
         kn: 1,
         an: 2,
     };
+    // The slave tags its HELLO with the anchor the master's own HELLO proved.
+    m.handle_timeout(t + Duration::from_secs(5));
+    deliver(out(&mut m), &mut s, t);
+    events(&mut s);
     s.set_status(Some(active.clone()), 300);
     assert_eq!(s.poll_timeout(), Some(t + Duration::from_secs(5)));
     s.handle_timeout(t + Duration::from_secs(5));
@@ -776,7 +891,7 @@ proptest! {
                     Fate::Delay => { delayed.push((to_slave, p)); continue; }
                 };
                 for _ in 0..copies {
-                    if to_slave { let _ = s.handle_payload(&p, now); } else { let _ = m.handle_payload(&p, now); }
+                    if to_slave { let _ = s.handle_payload(&p, src(&p), now); } else { let _ = m.handle_payload(&p, src(&p), now); }
                 }
             }
             for e in events(&mut s) {
