@@ -77,6 +77,10 @@ struct Kernel {
     stall: bool,
     /// Every TX key ever switched to, in order.
     tx_history: Vec<Vec<u8>>,
+    /// Every RX key ever installed, in order.
+    rx_history: Vec<Vec<u8>>,
+    /// What the IO layer's ledger holds: the key_ID of every PrepareRx (see `agent::ledger`).
+    ledger: Vec<KeyId>,
     watched: HashSet<u8>,
     /// Simulated traffic: PN of the TX SA on the encoding AN.
     pn: u64,
@@ -107,6 +111,13 @@ struct World {
     drop_b_after_install: bool,
     /// Every PrepareRx: who, AN, when.
     prepared: Vec<(char, u8, Instant)>,
+    /// A KME that serves keys again: `dec_keys` hands a key_ID out any number of times.
+    kme_reserves: bool,
+    /// Every payload sent on the wire, by sender (an attacker's recording).
+    recorded: Vec<(char, Vec<u8>)>,
+    /// Everything the master sends to the slave is lost after its next INSTALL.
+    drop_a_after_install: bool,
+    drop_a_to_b: bool,
 }
 
 fn counter_nonce() -> NonceSource {
@@ -149,6 +160,10 @@ impl World {
             drop_b_to_a: false,
             drop_b_after_install: false,
             prepared: Vec::new(),
+            kme_reserves: false,
+            recorded: Vec::new(),
+            drop_a_after_install: false,
+            drop_a_to_b: false,
         }
     }
 
@@ -207,6 +222,12 @@ impl World {
                 // ETSI 014 KMEs hand a key out once.
                 let r = if !self.kme_up {
                     Err(NackReason::KmeUnavailable)
+                } else if self.kme_reserves {
+                    self.kme
+                        .get(&key_id)
+                        .cloned()
+                        .map(SecretBytes::new)
+                        .ok_or(NackReason::KeyGone)
                 } else {
                     self.kme
                         .remove(&key_id)
@@ -223,7 +244,14 @@ impl World {
                 {
                     self.drop_b_to_a = true;
                 }
-                if self.wire_up && !(who == 'b' && self.drop_b_to_a) {
+                let install = crate::keyx::wire::Message::decode(&p)
+                    .is_ok_and(|m| matches!(m.body, crate::keyx::wire::Body::Install { .. }));
+                self.recorded.push((who, p.clone()));
+                let a_lost = who == 'a' && self.drop_a_to_b;
+                if who == 'a' && install && self.drop_a_after_install {
+                    self.drop_a_to_b = true;
+                }
+                if self.wire_up && !(who == 'b' && self.drop_b_to_a) && !a_lost {
                     if who == 'b' && !self.delay_b_to_a.is_zero() {
                         self.in_flight.push((now + self.delay_b_to_a, p));
                     } else {
@@ -238,6 +266,8 @@ impl World {
                     "RX SC of the peer"
                 );
                 k.rx.insert(an, sak.key.expose().to_vec());
+                k.rx_history.push(sak.key.expose().to_vec());
+                k.ledger.push(sak.key_ref.key_id);
                 self.prepared.push((who, an, now));
                 core.handle_rx_prepared(an, Ok(()), now);
             }
@@ -357,6 +387,13 @@ fn assert_never_reused(k: &Kernel) {
     let mut seen = HashSet::new();
     for key in &k.tx_history {
         assert!(seen.insert(key.clone()), "a TX key was used twice");
+    }
+    let mut seen = HashSet::new();
+    for key in &k.rx_history {
+        assert!(
+            seen.insert(key.clone()),
+            "an RX SA was installed twice with one key"
+        );
     }
 }
 
@@ -848,4 +885,162 @@ fn the_master_counts_a_keys_lifetime_from_its_install_not_from_its_own_switch() 
         );
         assert_eq!(w.a.active().map(|k| k.0), w.b.active().map(|k| k.0));
     }
+}
+
+// ---- Issue 17 ----
+
+/// Item 2 end to end in the cores: an attacker records the whole link; one side restarts
+/// (new incarnation, its ledger loaded, the kernel state kept); the KMEs now serve every key
+/// again (`dec_keys` any number of times, and `enc_keys` hands out the old key_IDs with the old
+/// bytes once more); the attacker replays everything it recorded from the other side. No key may
+/// ever be installed a second time, on either side, in either direction.
+fn restart_and_replay_with_a_reserving_kme(profile: &str, who: char) {
+    let mut w = World::new(profile, "gcm-aes-256");
+    w.rate = 100;
+    w.run_for(Duration::from_secs(1200));
+    assert!(w.in_sync());
+    let (la, lb) = links(profile, "gcm-aes-256", "");
+    w.kme_reserves = true;
+    if who == 'a' {
+        let used = w.ka.ledger.clone();
+        w.a = LinkCore::new(
+            &la,
+            Start {
+                used_keys: used,
+                ..start(A_MAC, 9_000)
+            },
+            counter_nonce(),
+            w.now,
+        );
+        // The master's KME starts again from the first key_ID, with the same bytes.
+        w.next_key = 1;
+    } else {
+        let used = w.kb.ledger.clone();
+        w.b = LinkCore::new(
+            &lb,
+            Start {
+                used_keys: used,
+                ..start(B_MAC, 9_000)
+            },
+            counter_nonce(),
+            w.now,
+        );
+    }
+    w.settle();
+    let from = if who == 'a' { 'b' } else { 'a' };
+    let (src, replay): (_, Vec<Vec<u8>>) = (
+        if from == 'a' { A_MAC } else { B_MAC },
+        w.recorded
+            .iter()
+            .filter(|(s, _)| *s == from)
+            .map(|(_, p)| p.clone())
+            .collect(),
+    );
+    for p in replay {
+        let now = w.now;
+        if who == 'a' {
+            w.a.handle_tlv(&p, src, now);
+        } else {
+            w.b.handle_tlv(&p, src, now);
+        }
+        w.settle();
+        w.run_for(Duration::from_millis(20));
+    }
+    w.run_for(Duration::from_secs(1200));
+    assert_never_reused(&w.ka);
+    assert_never_reused(&w.kb);
+    assert!(
+        w.in_sync(),
+        "{profile}/{who}: {:?} / {:?}",
+        w.a.status(w.now),
+        w.b.status(w.now)
+    );
+}
+
+#[test]
+fn restart_and_replay_never_reuse_a_key_slave_sak() {
+    restart_and_replay_with_a_reserving_kme("sak", 'b');
+}
+
+#[test]
+fn restart_and_replay_never_reuse_a_key_slave_cak() {
+    restart_and_replay_with_a_reserving_kme("cak", 'b');
+}
+
+#[test]
+fn restart_and_replay_never_reuse_a_key_master_sak() {
+    restart_and_replay_with_a_reserving_kme("sak", 'a');
+}
+
+#[test]
+fn restart_and_replay_never_reuse_a_key_master_cak() {
+    restart_and_replay_with_a_reserving_kme("cak", 'a');
+}
+
+/// Item 3: a genuine TLV of the slave forwarded under another source address (an on-path
+/// attacker) or under the master's own address must not move the master's idea of where the
+/// peer is (its RX SC, its RetireRx, the rate-limit bucket).
+#[test]
+fn a_forwarded_tlv_under_another_address_never_moves_the_peer() {
+    let mut w = World::new("sak", "gcm-aes-256");
+    w.run_for(Duration::from_secs(10));
+    assert!(w.in_sync());
+    let from_b: Vec<Vec<u8>> = w
+        .recorded
+        .iter()
+        .filter(|(s, _)| *s == 'b')
+        .map(|(_, p)| p.clone())
+        .collect();
+    // Fresh copies (new sequence numbers) of the slave's HELLOs, forwarded by eve.
+    w.run_for(Duration::from_secs(10));
+    let fresh: Vec<Vec<u8>> = w
+        .recorded
+        .iter()
+        .filter(|(s, _)| *s == 'b')
+        .map(|(_, p)| p.clone())
+        .filter(|p| !from_b.contains(p))
+        .collect();
+    assert!(!fresh.is_empty());
+    for (i, p) in fresh.iter().enumerate() {
+        let mac = if i % 2 == 0 {
+            [2, 0, 0, 0, 0, 0xee]
+        } else {
+            A_MAC
+        };
+        let now = w.now;
+        w.a.handle_tlv(p, mac, now);
+        w.settle();
+        assert_eq!(w.a.peer_mac(), Some(B_MAC), "the peer moved to {mac:?}");
+    }
+    w.run_for(Duration::from_secs(1000));
+    assert!(w.in_sync());
+}
+
+/// Item 5: the old RX SA's give-up time counts from the old key's activation. The slave never
+/// hears that the master switched (the master's LLDP is lost from its INSTALL on), so nothing
+/// but the old key's lifetime retires the master's old SA; before the fix it stayed for
+/// (1 + rollover_at) x max_age.
+#[test]
+fn the_old_rx_sa_goes_when_the_old_key_expires() {
+    let mut w = World::new("sak", "gcm-aes-256");
+    w.rate = 100;
+    w.run_for(Duration::from_secs(10));
+    assert!(w.in_sync());
+    let old_since = w.b.active_since().unwrap();
+    let old_an = w.kb.encoding.unwrap();
+    let old_key = w.ka.tx[&old_an].0.clone();
+    w.drop_a_after_install = true;
+    let rolled = w.kb.tx_history.len();
+    while w.kb.tx_history.len() == rolled {
+        w.run_for(Duration::from_millis(100));
+    }
+    assert!(w.drop_a_to_b);
+    let expiry = old_since + Duration::from_secs(600);
+    w.run_until(expiry + Duration::from_millis(1100));
+    assert_ne!(
+        w.kb.rx.get(&old_an),
+        Some(&old_key),
+        "the slave still accepts the master's old key {:?} after its lifetime",
+        w.now - expiry
+    );
 }

@@ -929,3 +929,181 @@ proptest! {
         prop_assert_eq!(confirmed.unwrap(), received.unwrap());
     }
 }
+
+// ---- Issue 17: restarts, replays and where the peer is ----
+
+/// Item 2: an attacker records the link. The slave restarts (new incarnation, nothing in
+/// memory), the attacker replays the recorded ANNOUNCE, the slave's KME serves the key again
+/// (independent KMEs do), and then the attacker replays the recorded INSTALL, which verifies
+/// under the re-fetched key and is fresh to the new replay window. Before the fix the slave
+/// installed the key a second time, from PN 1: AES-GCM nonce reuse. The INSTALL is bound to the
+/// slave incarnation that confirmed the key, so the new life refuses it.
+#[test]
+fn a_restarted_slave_never_installs_an_install_replayed_from_its_earlier_life() {
+    let t = Instant::now();
+    let (mut m, mut s) = pair(t);
+    m.announce(kid(1), KeyRole::Sak, 1, key(1), t, None, t)
+        .unwrap();
+    let recorded_announce = out(&mut m);
+    deliver(recorded_announce.clone(), &mut s, t);
+    slave_fetches(&mut s, |_| Ok(key(1)));
+    deliver(out(&mut s), &mut m, t);
+    events(&mut m);
+    m.install(kid(1), KeyRole::Sak, 1, 1, None, t).unwrap();
+    let recorded_install = out(&mut m);
+    deliver(recorded_install.clone(), &mut s, t);
+    assert!(matches!(
+        events(&mut s).as_slice(),
+        [Event::InstallRequested { .. }]
+    ));
+
+    // The slave restarts.
+    let t2 = t + Duration::from_secs(30);
+    let mut s2 = Keyx::new(cfg_inc(Role::Slave, S_INC + 7), t2);
+    deliver(recorded_announce, &mut s2, t2);
+    let ev = slave_fetches(&mut s2, |_| Ok(key(1)));
+    assert!(
+        matches!(ev.as_slice(), [Event::KeyReceived { .. }]),
+        "the KME served the key again: {ev:?}"
+    );
+    out(&mut s2);
+    deliver(recorded_install, &mut s2, t2);
+    let ev = events(&mut s2);
+    assert!(ev.is_empty(), "a replayed INSTALL was acted on: {ev:?}");
+    assert_eq!(s2.stats().stale, 1);
+    // The answer is a refusal (bound to the recorded master incarnation, so the live master
+    // ignores it unless it really sent that INSTALL).
+    let nack = out(&mut s2);
+    assert!(matches!(
+        Message::decode(&nack[0]).unwrap().body,
+        Body::Nack {
+            reason: NackReason::UnknownKey,
+            ..
+        }
+    ));
+}
+
+/// Item 2, the master's side: a restarted master whose KME hands out a key_ID again must not
+/// take replayed ACKs of its earlier life as the slave's confirmation or installation.
+#[test]
+fn a_restarted_master_ignores_answers_replayed_from_its_earlier_life() {
+    let t = Instant::now();
+    let (mut m, mut s) = pair(t);
+    m.announce(kid(1), KeyRole::Sak, 1, key(1), t, None, t)
+        .unwrap();
+    deliver(out(&mut m), &mut s, t);
+    slave_fetches(&mut s, |_| Ok(key(1)));
+    let recorded_ack = out(&mut s);
+    deliver(recorded_ack.clone(), &mut m, t);
+    events(&mut m);
+    m.install(kid(1), KeyRole::Sak, 1, 2, None, t).unwrap();
+    deliver(out(&mut m), &mut s, t);
+    events(&mut s);
+    s.installed(kid(1), KeyRole::Sak, 1, 2, Ok(())).unwrap();
+    let recorded_install_ack = out(&mut s);
+
+    let t2 = t + Duration::from_secs(30);
+    let mut m2 = Keyx::new(cfg_inc(Role::Master, M_INC + 7), t2);
+    m2.announce(kid(1), KeyRole::Sak, 1, key(1), t2, None, t2)
+        .unwrap();
+    out(&mut m2);
+    deliver(recorded_ack, &mut m2, t2);
+    deliver(recorded_install_ack, &mut m2, t2);
+    assert!(events(&mut m2).is_empty(), "a replayed ACK confirmed a key");
+    assert_eq!(m2.stats().stale, 2);
+    assert_eq!(
+        m2.install(kid(1), KeyRole::Sak, 1, 2, None, t2),
+        Err(KeyxError::NotConfirmed(kid(1)))
+    );
+}
+
+/// Item 3: the tag covers the payload, not the Ethernet header. A genuine message forwarded
+/// under another source address (an on-path attacker, or our own address) must not say where
+/// the peer is; the SCI it carries does, and must match the frame.
+#[test]
+fn a_genuine_message_under_another_source_address_locates_nothing() {
+    let t = Instant::now();
+    let (mut m, mut s) = pair(t);
+    deliver_key(&mut m, &mut s, 1, t);
+    m.handle_timeout(t + Duration::from_secs(5));
+    let hello = out(&mut m);
+    let eve = [2, 0, 0, 0, 0, 0xee];
+    assert!(!s.handle_payload(&hello[0], eve, t));
+    assert!(
+        !s.handle_payload(&hello[0], B_MAC, t),
+        "the slave's own address"
+    );
+    assert_eq!(s.stats().wrong_sci, 2);
+    assert_eq!(s.peer_sci(), None);
+    assert!(events(&mut s).is_empty());
+    // The same bytes from the master's address: accepted, and the peer is its SCI.
+    assert!(s.handle_payload(&hello[0], A_MAC, t));
+    assert_eq!(s.peer_sci(), Some(A_SCI));
+}
+
+/// Item 3: two ends with one SCI would share SAK and SCI in both directions. A peer that
+/// claims our SCI (a reflection, or a cloned VM with our MAC) is refused, authenticated or not.
+#[test]
+fn a_peer_with_our_own_sci_is_refused() {
+    let t = Instant::now();
+    let mut m = Keyx::new(cfg(Role::Master), t);
+    let mut clone_cfg = cfg(Role::Slave);
+    clone_cfg.local_sci = A_SCI;
+    let mut s = Keyx::new(clone_cfg, t);
+    m.announce(kid(1), KeyRole::Sak, 1, key(1), t, None, t)
+        .unwrap();
+    for p in out(&mut m) {
+        assert!(!s.handle_payload(&p, A_MAC, t));
+    }
+    assert!(events(&mut s).is_empty(), "no fetch for a clone");
+    s.handle_timeout(t);
+    for p in out(&mut s) {
+        assert!(!m.handle_payload(&p, A_MAC, t));
+    }
+    assert!(s.stats().wrong_sci >= 1 && m.stats().wrong_sci >= 1);
+}
+
+/// Item 5: once the slave shares a key with a live master, an unauthenticated ANNOUNCE is not
+/// acted on (no KME request, no anchor move); a fetched key becomes the anchor only when the
+/// master uses it. After the master has been silent for three HELLO intervals (it restarted
+/// and lost every key), unauthenticated ANNOUNCEs re-bootstrap the link.
+#[test]
+fn unauthenticated_announces_move_nothing_while_the_master_is_live() {
+    let t = Instant::now();
+    let (mut m, mut s) = pair(t);
+    deliver_key(&mut m, &mut s, 1, t);
+    m.handle_timeout(t + Duration::from_secs(5));
+    let t1 = t + Duration::from_secs(5);
+    deliver(out(&mut m), &mut s, t1);
+    events(&mut s);
+    assert_eq!(s.anchor(), Some(kid(1)));
+    let forged = |n: u8, seq: u64| {
+        Message {
+            seq,
+            sender: "SAE_A".into(),
+            sci: A_SCI,
+            incarnation: M_INC + 99,
+            echo: 0,
+            auth: None,
+            body: Body::Announce {
+                key_id: kid(n),
+                role: KeyRole::Sak,
+                kn: 9,
+            },
+        }
+        .encode(None)
+        .unwrap()
+    };
+    let _ = s.handle_payload(&forged(9, 1), A_MAC, t1 + MS);
+    assert!(events(&mut s).is_empty(), "no KME request for it");
+    assert_eq!(s.stats().unauthenticated_ignored, 1);
+    // Three HELLO intervals (15 s here) without an authenticated word from the master.
+    let t2 = t1 + Duration::from_secs(15);
+    let _ = s.handle_payload(&forged(9, 2), A_MAC, t2);
+    let ev = slave_fetches(&mut s, |_| Ok(key(9)));
+    assert!(
+        matches!(ev.as_slice(), [Event::KeyReceived { .. }]),
+        "{ev:?}"
+    );
+    assert_eq!(s.anchor(), Some(kid(1)), "fetching a key moves no anchor");
+}
