@@ -111,8 +111,10 @@ struct World {
     drop_b_after_install: bool,
     /// Every PrepareRx: who, AN, when.
     prepared: Vec<(char, u8, Instant)>,
-    /// A KME that serves keys again: `dec_keys` hands a key_ID out any number of times.
+    /// A KME that serves keys again: `dec_keys` hands out any key_ID ever issued, any number
+    /// of times (`ever`).
     kme_reserves: bool,
+    ever: HashMap<KeyId, Vec<u8>>,
     /// Every payload sent on the wire, by sender (an attacker's recording).
     recorded: Vec<(char, Vec<u8>)>,
     /// Everything the master sends to the slave is lost after its next INSTALL.
@@ -161,6 +163,7 @@ impl World {
             drop_b_after_install: false,
             prepared: Vec::new(),
             kme_reserves: false,
+            ever: HashMap::new(),
             recorded: Vec::new(),
             drop_a_after_install: false,
             drop_a_to_b: false,
@@ -205,6 +208,7 @@ impl World {
                         .map(|i| (id as u8).wrapping_mul(31) ^ i as u8)
                         .collect();
                     self.kme.insert(KeyId(kid), key.clone());
+                    self.ever.insert(KeyId(kid), key.clone());
                     self.issued.push(key.clone());
                     core.handle_enc_key(
                         Ok(FetchedKey {
@@ -223,7 +227,7 @@ impl World {
                 let r = if !self.kme_up {
                     Err(NackReason::KmeUnavailable)
                 } else if self.kme_reserves {
-                    self.kme
+                    self.ever
                         .get(&key_id)
                         .cloned()
                         .map(SecretBytes::new)
