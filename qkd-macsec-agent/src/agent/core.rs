@@ -38,6 +38,10 @@ pub type NonceSource = Box<dyn FnMut(&mut [u8]) + Send>;
 /// Least time between two rollovers triggered by a peer that reports no active key.
 pub const PEER_RESET_HOLDOFF: Duration = Duration::from_secs(10);
 
+/// The next PN every RX SA is installed with ([`Command::PrepareRx`]): a kernel RX SA whose
+/// `next_pn` is above it has validated frames ([`LinkCore::handle_rx_validated`]).
+pub const RX_SA_FIRST_PN: u64 = 1;
+
 /// A key the master's KME returned.
 #[derive(Debug)]
 pub struct FetchedKey {
@@ -71,11 +75,14 @@ pub enum Command {
     SetStall(bool),
     /// Mark our TX SA on `an` inactive in the kernel.
     DeactivateTx { an: u8 },
-    /// Count our TX SA and the peer's RX SA on `an` and report PN crossings of `thresholds`.
+    /// Count our TX SA and the peer's RX SA on `an`; report PN crossings of `tx_thresholds` on
+    /// our TX SA (answer with [`LinkCore::handle_tx_pn`]). The peer's RX SA is counted for
+    /// statistics only and never armed: XDP sees its frames before the kernel checks their
+    /// ICV, and anyone on the wire can send frames with the peer's SCI and any PN.
     WatchSa {
         an: u8,
         peer_mac: [u8; 6],
-        thresholds: [u64; 3],
+        tx_thresholds: [u64; 3],
     },
     /// Stop counting the SAs on `an`.
     UnwatchSa { an: u8, peer_mac: [u8; 6] },
@@ -141,8 +148,11 @@ pub struct LinkCore {
     /// master's old SA until the master has switched too, however late its ACK arrives.
     rx_retire: Vec<(u8, [u8; 6], Instant)>,
     /// The AN the peer transmits on, as far as we know (its ACK, its authenticated HELLO, or
-    /// frames counted on our RX SA).
+    /// frames the kernel validated on our RX SA).
     peer_on_an: Option<u8>,
+    /// The last kernel RX SA figure (AN, next PN) given to [`LinkCore::handle_rx_validated`]:
+    /// only frames validated since then are fresh evidence of the AN the peer transmits on.
+    rx_validated: Option<(u8, u64)>,
     /// When the rollover in progress began (master: the SAK was picked; slave: INSTALL).
     roll_started: Option<Instant>,
     /// Keys switched to since start, and how long the last switch took end to end.
@@ -296,6 +306,7 @@ impl LinkCore {
             retire_at: Vec::new(),
             rx_retire: Vec::new(),
             peer_on_an: None,
+            rx_validated: None,
             roll_started: None,
             rollovers: 0,
             last_rekey: None,
@@ -559,10 +570,36 @@ impl LinkCore {
         self.pump(now);
     }
 
-    /// The PN of an SA on `an` (ours or the peer's: the SAK is shared, so either direction
-    /// uses up its lifetime).
-    pub fn handle_pn(&mut self, an: u8, pn: u64, now: Instant) {
+    /// The PN of **our own** TX SA on `an`: from the TC egress counters of the frames this
+    /// gateway sent (a threshold event or the poll) or from the kernel's TX SA. Never a figure
+    /// of the peer's frames: those count only as the kernel validated them
+    /// ([`LinkCore::handle_rx_validated`]).
+    pub fn handle_tx_pn(&mut self, an: u8, pn: u64, now: Instant) {
         self.wd.handle_pn(an, pn, now);
+        self.pump(now);
+    }
+
+    /// The kernel's RX SA of the peer on `an` shows `next_pn`. Kernel MACsec (macsec.c,
+    /// `macsec_post_decrypt`) advances an RX SA's next PN only for frames that passed the ICV
+    /// and replay checks, so this is the peer's use of the key as far as it is proven: the SAK
+    /// is shared, so it uses up the key's lifetime like our own frames do, and frames validated
+    /// since the last call tell us the peer transmits on `an` (its old RX SA may go).
+    ///
+    /// Only ever the kernel's figure: the data plane's RX counters (XDP) count frames before
+    /// the kernel checks their ICV, and the SCI, AN and PN they are keyed by travel in the
+    /// clear. One forged frame with a high PN would otherwise exhaust the key and stall the
+    /// link, or retire an RX SA the peer still transmits on.
+    pub fn handle_rx_validated(&mut self, an: u8, next_pn: u64, now: Instant) {
+        self.wd.handle_pn(an, next_pn.saturating_sub(1), now);
+        let fresh = next_pn > RX_SA_FIRST_PN
+            && self
+                .rx_validated
+                .is_none_or(|(a, pn)| a != an || next_pn > pn);
+        self.rx_validated = Some((an, next_pn));
+        if fresh {
+            self.peer_on_an = Some(an);
+            self.retire_rx_when_peer_switched(now);
+        }
         self.pump(now);
     }
 
@@ -594,13 +631,6 @@ impl LinkCore {
             };
             self.rx_retire.push((an, peer_mac, give_up));
         }
-        self.retire_rx_when_peer_switched(now);
-        self.pump(now);
-    }
-
-    /// Frames from the peer were counted on our RX SA at `an`: the peer transmits on it.
-    pub fn handle_peer_rx(&mut self, an: u8, now: Instant) {
-        self.peer_on_an = Some(an);
         self.retire_rx_when_peer_switched(now);
         self.pump(now);
     }
@@ -687,6 +717,9 @@ impl LinkCore {
             self.rx_retire
                 .push((an, peer, now + self.wd.limits().max_age));
         }
+        // What we learnt since the INSTALL may predate the slave's switch to `an`: only fresh
+        // evidence (frames validated from now on, an authenticated HELLO) may retire it.
+        self.peer_on_an = None;
         self.rollover_given_up(detail, key);
     }
 
@@ -945,7 +978,7 @@ impl LinkCore {
                     self.commands.push_back(Command::WatchSa {
                         an: t.an,
                         peer_mac,
-                        thresholds: [t.rollover, t.warn, t.exhausted],
+                        tx_thresholds: [t.rollover, t.warn, t.exhausted],
                     });
                 }
             }

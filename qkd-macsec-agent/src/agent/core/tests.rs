@@ -61,6 +61,22 @@ struct Kernel {
     watched: HashSet<u8>,
     /// Simulated traffic: PN of the TX SA on the encoding AN.
     pn: u64,
+    /// Next PN of each RX SA: what the kernel validated of the peer's frames (only frames
+    /// under the key this RX SA holds advance it, as in macsec.c).
+    rx_next_pn: HashMap<u8, u64>,
+}
+
+/// The peer's frames reach `rx`'s kernel: those sent under a key `rx` holds on their AN pass
+/// validation and advance that RX SA's next PN; a stall on either end drops them.
+fn kernel_validates(rx: &mut Kernel, tx: &Kernel) {
+    let Some(an) = tx.encoding.filter(|_| !tx.stall && !rx.stall && tx.pn > 0) else {
+        return;
+    };
+    let sent = tx.tx.get(&an).filter(|t| t.1).map(|t| &t.0);
+    if sent.is_some() && rx.rx.get(&an) == sent {
+        let next = rx.rx_next_pn.entry(an).or_insert(RX_SA_FIRST_PN);
+        *next = (*next).max(tx.pn + 1);
+    }
 }
 
 struct World {
@@ -88,6 +104,8 @@ struct World {
     drop_b_after_install: bool,
     /// Every PrepareRx: who, AN, when.
     prepared: Vec<(char, u8, Instant)>,
+    /// The master sends nothing (its TX PN stays put): only the slave's frames use up keys.
+    master_silent: bool,
 }
 
 fn counter_nonce() -> NonceSource {
@@ -130,6 +148,7 @@ impl World {
             drop_b_to_a: false,
             drop_b_after_install: false,
             prepared: Vec::new(),
+            master_silent: false,
         }
     }
 
@@ -219,6 +238,7 @@ impl World {
                     "RX SC of the peer"
                 );
                 k.rx.insert(an, sak.key.expose().to_vec());
+                k.rx_next_pn.insert(an, RX_SA_FIRST_PN);
                 self.prepared.push((who, an, now));
                 core.handle_rx_prepared(an, Ok(()), now);
             }
@@ -236,6 +256,7 @@ impl World {
             }
             Command::RetireRx { an, .. } => {
                 k.rx.remove(&an);
+                k.rx_next_pn.remove(&an);
             }
             Command::SetStall(s) => k.stall = s,
             Command::DeactivateTx { an } => {
@@ -277,12 +298,25 @@ impl World {
                 .max(self.now);
             let dt = next - self.now;
             self.now = next;
-            // Traffic: PN of each side's encoding SA grows with time.
+            // Traffic: PN of each side's encoding SA grows with time (TC counts it).
             if self.rate > 0 {
-                for (core, k) in [(&mut self.a, &mut self.ka), (&mut self.b, &mut self.kb)] {
-                    if let (Some(an), false) = (k.encoding, k.stall) {
+                for (core, k, silent) in [
+                    (&mut self.a, &mut self.ka, self.master_silent),
+                    (&mut self.b, &mut self.kb, false),
+                ] {
+                    if let (Some(an), false, false) = (k.encoding, k.stall, silent) {
                         k.pn += self.rate * dt.as_millis() as u64 / 1000;
-                        core.handle_pn(an, k.pn, next);
+                        core.handle_tx_pn(an, k.pn, next);
+                    }
+                }
+                kernel_validates(&mut self.ka, &self.kb);
+                kernel_validates(&mut self.kb, &self.ka);
+            }
+            // The IO layer's poll: the kernel's RX SA on the active AN.
+            for (core, k) in [(&mut self.a, &self.ka), (&mut self.b, &self.kb)] {
+                if let Some((_, an)) = core.active() {
+                    if let Some(&next_pn) = k.rx_next_pn.get(&an) {
+                        core.handle_rx_validated(an, next_pn, next);
                     }
                 }
             }
@@ -826,4 +860,105 @@ fn the_master_counts_a_keys_lifetime_from_its_install_not_from_its_own_switch() 
         );
         assert_eq!(w.a.active().map(|k| k.0), w.b.active().map(|k| k.0));
     }
+}
+
+#[test]
+fn the_master_counts_the_slaves_traffic_as_the_kernel_validated_it() {
+    // Only the slave sends. The master learns how far the shared key is used up from its RX
+    // SA's next PN (handle_rx_validated), and rolls over by PN long before time.
+    for profile in ["cak", "sak"] {
+        let mut w = World::with(profile, "gcm-aes-128", "max_pn = 100000");
+        w.master_silent = true;
+        w.rate = 1000; // 75 % of 100000 after 75 s, long before 450 s.
+        w.run_for(Duration::from_secs(5));
+        assert!(w.in_sync());
+        let rolled = w.ka.tx_history.len();
+        w.run_for(Duration::from_secs(300));
+        let n = w.ka.tx_history.len() - rolled;
+        assert!(n >= 3, "{profile}: {n} rollovers in 300 s");
+        assert!(!w.ka.stall && !w.kb.stall, "{profile}: stalled");
+        assert!(
+            w.reports
+                .iter()
+                .all(|(_, r)| !matches!(r, Report::Alarm(_))),
+            "{profile}: {:?}",
+            w.reports
+        );
+        let used = w.a.status(w.now).used.unwrap();
+        assert!(used > 0.0, "{profile}: the master's watchdog saw no use");
+    }
+}
+
+#[test]
+fn rx_figures_the_kernel_did_not_advance_neither_exhaust_nor_retire() {
+    // What forged frames (the peer's SCI, any AN, a high PN, a random ICV) leave in the kernel:
+    // nothing, so the RX SA's next PN stays where it was. Fed that figure over and over, right
+    // when it matters (the slave switched, its grace period ran out, the master's ACK is still
+    // on its way), the slave keeps the master's old RX SA and neither side stalls.
+    for profile in ["cak", "sak"] {
+        let mut w = World::new(profile, "gcm-aes-256");
+        w.rate = 100;
+        w.run_for(Duration::from_secs(100));
+        assert!(w.in_sync());
+        w.delay_b_to_a = Duration::from_secs(3);
+        let (old_b, old_a) = (w.kb.encoding, w.ka.encoding);
+        while w.kb.encoding == old_b {
+            w.run_for(Duration::from_millis(100));
+        }
+        let switched = w.now;
+        let (new_an, old_an) = (w.kb.encoding.unwrap(), old_a.unwrap());
+        w.run_for(Duration::from_millis(2300));
+        assert_eq!(w.ka.encoding, old_a, "{profile}: the master switched early");
+        assert_eq!(
+            w.kb.rx_next_pn.get(&new_an),
+            Some(&RX_SA_FIRST_PN),
+            "{profile}: nothing validated on the new AN yet"
+        );
+        let a_next = w.ka.rx_next_pn[&old_an];
+        for _ in 0..100 {
+            let now = w.now;
+            w.b.handle_rx_validated(new_an, RX_SA_FIRST_PN, now);
+            w.a.handle_rx_validated(old_an, a_next, now);
+            w.settle();
+        }
+        assert!(
+            w.kb.rx.contains_key(&old_an),
+            "{profile}: the slave retired the RX SA the master still sends on, {:?} after its switch",
+            w.now - switched
+        );
+        assert!(!w.ka.stall && !w.kb.stall, "{profile}: stalled");
+        // The master's switch (frames validated on the new AN) retires it, once.
+        w.run_for(Duration::from_secs(3));
+        assert_eq!(w.ka.encoding, Some(new_an), "{profile}");
+        assert!(
+            !w.kb.rx.contains_key(&old_an),
+            "{profile}: the old RX SA outlived the master's switch"
+        );
+        assert!(w.in_sync());
+    }
+}
+
+#[test]
+fn only_the_active_an_of_a_validated_rx_figure_counts_against_the_key() {
+    // The kernel may still validate a late frame on an old SA: that key is retired and its PN
+    // says nothing about the active one. On the active AN a validated figure does count.
+    let mut w = World::new("sak", "gcm-aes-256");
+    w.run_for(Duration::from_secs(5));
+    let (_, an) = w.a.active().unwrap();
+    let other = (an + 1) % 4;
+    let now = w.now;
+    w.a.handle_rx_validated(other, u64::from(u32::MAX), now);
+    w.settle();
+    assert!(!w.a.is_stalled() && !w.ka.stall);
+    assert!(w.a.status(w.now).used.unwrap() < 0.1);
+    // 80 % of the default max_pn (0xC0000000) validated on the active AN: past rollover_at.
+    w.a.handle_rx_validated(an, 0xC000_0000 / 10 * 8, now);
+    assert!(w.a.status(w.now).used.unwrap() >= 0.79);
+    w.settle();
+    assert!(!w.a.is_stalled());
+    assert_ne!(
+        w.a.active().unwrap().1,
+        an,
+        "rolled over by the peer's validated PN"
+    );
 }
