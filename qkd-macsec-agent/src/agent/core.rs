@@ -38,8 +38,8 @@ pub type NonceSource = Box<dyn FnMut(&mut [u8]) + Send>;
 /// Least time between two rollovers triggered by a peer that reports no active key.
 pub const PEER_RESET_HOLDOFF: Duration = Duration::from_secs(10);
 
-/// The next PN every RX SA is installed with ([`Command::PrepareRx`]): a kernel RX SA whose
-/// `next_pn` is above it has validated frames ([`LinkCore::handle_rx_validated`]).
+/// The next PN every RX SA is installed with ([`Command::PrepareRx`]); the kernel raises it
+/// only for frames it validated ([`LinkCore::handle_rx_validated`]).
 pub const RX_SA_FIRST_PN: u64 = 1;
 
 /// A key the master's KME returned.
@@ -151,7 +151,8 @@ pub struct LinkCore {
     /// frames the kernel validated on our RX SA).
     peer_on_an: Option<u8>,
     /// The last kernel RX SA figure (AN, next PN) given to [`LinkCore::handle_rx_validated`]:
-    /// only frames validated since then are fresh evidence of the AN the peer transmits on.
+    /// only frames validated since then on the same AN are fresh evidence of the AN the peer
+    /// transmits on. `None`: no baseline (the next figure only sets one).
     rx_validated: Option<(u8, u64)>,
     /// When the rollover in progress began (master: the SAK was picked; slave: INSTALL).
     roll_started: Option<Instant>,
@@ -582,8 +583,10 @@ impl LinkCore {
     /// The kernel's RX SA of the peer on `an` shows `next_pn`. Kernel MACsec (macsec.c,
     /// `macsec_post_decrypt`) advances an RX SA's next PN only for frames that passed the ICV
     /// and replay checks, so this is the peer's use of the key as far as it is proven: the SAK
-    /// is shared, so it uses up the key's lifetime like our own frames do, and frames validated
-    /// since the last call tell us the peer transmits on `an` (its old RX SA may go).
+    /// is shared, so it uses up the key's lifetime like our own frames do. Frames validated
+    /// between two calls for the same `an` tell us the peer transmitted on `an` meanwhile (its
+    /// old RX SA may go); the figure itself, which may date from before the peer switched AN,
+    /// tells nothing.
     ///
     /// Only ever the kernel's figure: the data plane's RX counters (XDP) count frames before
     /// the kernel checks their ICV, and the SCI, AN and PN they are keyed by travel in the
@@ -591,10 +594,9 @@ impl LinkCore {
     /// link, or retire an RX SA the peer still transmits on.
     pub fn handle_rx_validated(&mut self, an: u8, next_pn: u64, now: Instant) {
         self.wd.handle_pn(an, next_pn.saturating_sub(1), now);
-        let fresh = next_pn > RX_SA_FIRST_PN
-            && self
-                .rx_validated
-                .is_none_or(|(a, pn)| a != an || next_pn > pn);
+        let fresh = self
+            .rx_validated
+            .is_some_and(|(a, pn)| a == an && next_pn > pn);
         self.rx_validated = Some((an, next_pn));
         if fresh {
             self.peer_on_an = Some(an);
@@ -718,8 +720,10 @@ impl LinkCore {
                 .push((an, peer, now + self.wd.limits().max_age));
         }
         // What we learnt since the INSTALL may predate the slave's switch to `an`: only fresh
-        // evidence (frames validated from now on, an authenticated HELLO) may retire it.
+        // evidence (frames validated between two polls from now on, an authenticated HELLO)
+        // may retire it.
         self.peer_on_an = None;
+        self.rx_validated = None;
         self.rollover_given_up(detail, key);
     }
 
