@@ -53,6 +53,10 @@ pub struct Start {
     pub used_keys: Vec<KeyId>,
 }
 
+/// The next PN every RX SA is installed with ([`Command::PrepareRx`]); the kernel raises it
+/// only for frames it validated ([`LinkCore::handle_rx_validated`]).
+pub const RX_SA_FIRST_PN: u64 = 1;
+
 /// A key the master's KME returned.
 #[derive(Debug)]
 pub struct FetchedKey {
@@ -86,11 +90,14 @@ pub enum Command {
     SetStall(bool),
     /// Mark our TX SA on `an` inactive in the kernel.
     DeactivateTx { an: u8 },
-    /// Count our TX SA and the peer's RX SA on `an` and report PN crossings of `thresholds`.
+    /// Count our TX SA and the peer's RX SA on `an`; report PN crossings of `tx_thresholds` on
+    /// our TX SA (answer with [`LinkCore::handle_tx_pn`]). The peer's RX SA is counted for
+    /// statistics only and never armed: XDP sees its frames before the kernel checks their
+    /// ICV, and anyone on the wire can send frames with the peer's SCI and any PN.
     WatchSa {
         an: u8,
         peer_mac: [u8; 6],
-        thresholds: [u64; 3],
+        tx_thresholds: [u64; 3],
     },
     /// Stop counting the SAs on `an`.
     UnwatchSa { an: u8, peer_mac: [u8; 6] },
@@ -158,8 +165,12 @@ pub struct LinkCore {
     /// master's old SA until the master has switched too, however late its ACK arrives.
     rx_retire: Vec<(u8, [u8; 6], Instant)>,
     /// The AN the peer transmits on, as far as we know (its ACK, its authenticated HELLO, or
-    /// frames counted on our RX SA).
+    /// frames the kernel validated on our RX SA).
     peer_on_an: Option<u8>,
+    /// The last kernel RX SA figure (AN, next PN) given to [`LinkCore::handle_rx_validated`]:
+    /// only frames validated since then on the same AN are fresh evidence of the AN the peer
+    /// transmits on. `None`: no baseline (the next figure only sets one).
+    rx_validated: Option<(u8, u64)>,
     /// When the rollover in progress began (master: the SAK was picked; slave: INSTALL).
     roll_started: Option<Instant>,
     /// Keys switched to since start, and how long the last switch took end to end.
@@ -320,6 +331,7 @@ impl LinkCore {
             retire_at: Vec::new(),
             rx_retire: Vec::new(),
             peer_on_an: None,
+            rx_validated: None,
             roll_started: None,
             rollovers: 0,
             last_rekey: None,
@@ -589,10 +601,37 @@ impl LinkCore {
         self.pump(now);
     }
 
-    /// The PN of an SA on `an` (ours or the peer's: the SAK is shared, so either direction
-    /// uses up its lifetime).
-    pub fn handle_pn(&mut self, an: u8, pn: u64, now: Instant) {
+    /// The PN of **our own** TX SA on `an`: from the TC egress counters of the frames this
+    /// gateway sent (a threshold event or the poll) or from the kernel's TX SA. Never a figure
+    /// of the peer's frames: those count only as the kernel validated them
+    /// ([`LinkCore::handle_rx_validated`]).
+    pub fn handle_tx_pn(&mut self, an: u8, pn: u64, now: Instant) {
         self.wd.handle_pn(an, pn, now);
+        self.pump(now);
+    }
+
+    /// The kernel's RX SA of the peer on `an` shows `next_pn`. Kernel MACsec (macsec.c,
+    /// `macsec_post_decrypt`) advances an RX SA's next PN only for frames that passed the ICV
+    /// and replay checks, so this is the peer's use of the key as far as it is proven: the SAK
+    /// is shared, so it uses up the key's lifetime like our own frames do. Frames validated
+    /// between two calls for the same `an` tell us the peer transmitted on `an` meanwhile (its
+    /// old RX SA may go); the figure itself, which may date from before the peer switched AN,
+    /// tells nothing.
+    ///
+    /// Only ever the kernel's figure: the data plane's RX counters (XDP) count frames before
+    /// the kernel checks their ICV, and the SCI, AN and PN they are keyed by travel in the
+    /// clear. One forged frame with a high PN would otherwise exhaust the key and stall the
+    /// link, or retire an RX SA the peer still transmits on.
+    pub fn handle_rx_validated(&mut self, an: u8, next_pn: u64, now: Instant) {
+        self.wd.handle_pn(an, next_pn.saturating_sub(1), now);
+        let fresh = self
+            .rx_validated
+            .is_some_and(|(a, pn)| a == an && next_pn > pn);
+        self.rx_validated = Some((an, next_pn));
+        if fresh {
+            self.peer_on_an = Some(an);
+            self.retire_rx_when_peer_switched(now);
+        }
         self.pump(now);
     }
 
@@ -621,13 +660,6 @@ impl LinkCore {
             let give_up = if self.wd.is_stalled() { now } else { expiry };
             self.rx_retire.push((an, peer_mac, give_up));
         }
-        self.retire_rx_when_peer_switched(now);
-        self.pump(now);
-    }
-
-    /// Frames from the peer were counted on our RX SA at `an`: the peer transmits on it.
-    pub fn handle_peer_rx(&mut self, an: u8, now: Instant) {
-        self.peer_on_an = Some(an);
         self.retire_rx_when_peer_switched(now);
         self.pump(now);
     }
@@ -719,6 +751,11 @@ impl LinkCore {
             self.rx_retire
                 .push((an, peer, first_use + self.wd.limits().max_age));
         }
+        // What we learnt since the INSTALL may predate the slave's switch to `an`: only fresh
+        // evidence (frames validated between two polls from now on, an authenticated HELLO)
+        // may retire it.
+        self.peer_on_an = None;
+        self.rx_validated = None;
         self.rollover_given_up(detail, key);
     }
 
@@ -977,7 +1014,7 @@ impl LinkCore {
                     self.commands.push_back(Command::WatchSa {
                         an: t.an,
                         peer_mac,
-                        thresholds: [t.rollover, t.warn, t.exhausted],
+                        tx_thresholds: [t.rollover, t.warn, t.exhausted],
                     });
                 }
             }

@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 
-use super::core::{Command, FetchedKey, LinkCore, NonceSource, Start, Status};
+use super::core::{Command, FetchedKey, LinkCore, NonceSource, Start, Status, RX_SA_FIRST_PN};
 use super::ledger::Ledger;
 use super::record::{self, Adoption, KeyRecord};
 use crate::certs::tls::TlsFiles;
@@ -429,7 +429,14 @@ async fn run_link(
                                 core.handle_tlv(e.payload(), e.src_mac, Instant::now());
                             }
                         }
-                        Ok(DataplaneEvent::Pn(c)) => core.handle_pn(c.sa.an, c.pn, Instant::now()),
+                        Ok(DataplaneEvent::Pn(c)) => match c.sa.direction {
+                            Direction::Tx => core.handle_tx_pn(c.sa.an, c.pn, Instant::now()),
+                            // Never armed (see WatchSa); and what XDP counted on an RX SA has
+                            // not passed the kernel's ICV check: anyone can send it.
+                            Direction::Rx => {
+                                tracing::debug!(link = %label, sa = %c.sa, pn = c.pn, "ignoring a PN event of an RX SA");
+                            }
+                        },
                         Err(e) => {
                             if io.dp.check_interface().is_err() {
                                 return Err(e).context("data plane events stopped: the interface is gone");
@@ -621,7 +628,10 @@ impl LinkIo {
                     let key = sa_key(sak, self.role, false);
                     let r = An::new(an).and_then(|a| {
                         let peer = sci(peer_mac);
-                        match self.macsec.prepare_rx(&self.mlink, peer, a, &key, 1) {
+                        match self
+                            .macsec
+                            .prepare_rx(&self.mlink, peer, a, &key, RX_SA_FIRST_PN)
+                        {
                             // Left over from a rollover that failed half way (or from before a
                             // restart). Never the AN we receive on now, so it carries nothing.
                             Err(macsec::MacsecError::SaOccupied { .. })
@@ -629,7 +639,8 @@ impl LinkIo {
                             {
                                 tracing::info!(link = %self.label, an, "replacing a stale RX SA");
                                 self.macsec.retire_rx(&self.mlink, peer, a)?;
-                                self.macsec.prepare_rx(&self.mlink, peer, a, &key, 1)
+                                self.macsec
+                                    .prepare_rx(&self.mlink, peer, a, &key, RX_SA_FIRST_PN)
                             }
                             r => r,
                         }
@@ -699,13 +710,17 @@ impl LinkIo {
                 Command::WatchSa {
                     an,
                     peer_mac,
-                    thresholds,
+                    tx_thresholds,
                 } => {
-                    for key in self.sa_keys(an, peer_mac) {
+                    // Thresholds on our TX SA only. The RX SA is counted for the statistics
+                    // and explicitly disarmed (registering keeps what a pinned map holds, e.g.
+                    // thresholds an older agent armed): its frames are unauthenticated in XDP.
+                    let [tx, rx] = self.sa_keys(an, peer_mac);
+                    for (key, thresholds) in [(tx, &tx_thresholds[..]), (rx, &[][..])] {
                         let r = self
                             .dp
                             .register_sa(key, self.xpn, 0)
-                            .and_then(|_| self.dp.set_thresholds(&key, &thresholds));
+                            .and_then(|_| self.dp.set_thresholds(&key, thresholds));
                         if let Err(e) = r {
                             tracing::error!(link = %self.label, sa = %key, error = %e, "cannot watch SA");
                         }
@@ -737,7 +752,10 @@ impl LinkIo {
         ]
     }
 
-    /// Kernel SA state (our TX SAs) and data plane counters (both directions) into the core.
+    /// Into the core, once per poll: the kernel's TX SA state and the peer's RX SA on the
+    /// active AN as the kernel validated it, and our own TX frames as TC counted them. The data
+    /// plane's RX counters are statistics only (status and metrics): XDP counts a frame before
+    /// the kernel checks its ICV, so they never reach the watchdog or the retiring of old SAs.
     fn poll_kernel(&mut self, core: &mut LinkCore) {
         let now = Instant::now();
         match self.macsec.state(&self.mlink) {
@@ -747,19 +765,22 @@ impl LinkIo {
                 if let Some(sa) = st.tx_sa(st.encoding_sa) {
                     core.handle_sa_state(sa.an.get(), sa.active, sa.next_pn, now);
                 }
+                if let (Some((_, an)), Some(peer)) = (core.active(), self.peer_mac) {
+                    let rx = An::new(an)
+                        .ok()
+                        .and_then(|a| st.rx_sc(sci(peer))?.sa(a).map(|sa| sa.next_pn));
+                    if let Some(next_pn) = rx {
+                        core.handle_rx_validated(an, next_pn, now);
+                    }
+                }
             }
             Err(e) => tracing::warn!(link = %self.label, error = %e, "reading MACsec state failed"),
         }
         if let (Some((_, an)), Some(peer)) = (core.active(), self.peer_mac) {
-            for key in self.sa_keys(an, peer) {
-                if let Ok(c) = self.dp.sa_counters(&key) {
-                    if c.highest_pn > 0 {
-                        core.handle_pn(an, c.highest_pn, now);
-                        if key.direction == Direction::Rx {
-                            // The peer transmits on the new AN: its old RX SA may go.
-                            core.handle_peer_rx(an, now);
-                        }
-                    }
+            let [tx, _] = self.sa_keys(an, peer);
+            if let Ok(c) = self.dp.sa_counters(&tx) {
+                if c.highest_pn > 0 {
+                    core.handle_tx_pn(an, c.highest_pn, now);
                 }
             }
         }

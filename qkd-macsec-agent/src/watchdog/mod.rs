@@ -1,8 +1,10 @@
 //! The active-key-lifetime (AKL) watchdog of one link: a sans-IO state machine.
 //!
 //! Inputs: a fresh SAK installed on both ends ([`Watchdog::handle_activated`]), packet numbers
-//! of the transmit SA (XDP/TC counters or kernel statistics, [`Watchdog::handle_pn`]), the
-//! kernel's view of each SA ([`Watchdog::handle_sa_state`]), key-fetch outcomes
+//! used under the active key ([`Watchdog::handle_pn`]: our TX SA from the TC egress counters,
+//! the peer's RX SA as far as the kernel validated it; never XDP's RX counters, which anyone
+//! on the wire can forge, see `agent::core::LinkCore::handle_rx_validated`), the kernel's view
+//! of each SA ([`Watchdog::handle_sa_state`]), key-fetch outcomes
 //! ([`Watchdog::handle_fetch_outcome`]) and time ([`Watchdog::handle_timeout`]).
 //!
 //! Outputs ([`Watchdog::poll_action`]): a rollover request at `akl.rollover_at` of the
