@@ -312,6 +312,27 @@ fn a_master_restarted_without_a_record_rekeys_from_every_an() {
         "four restarts without a record: {:.1} s",
         test_start.elapsed().as_secs_f64()
     );
+    // Issue 17, item 5, seen from outside: both running agents (root in the VM, which may raise
+    // RLIMIT_MEMLOCK) locked their memory and said so.
+    for side in Side::BOTH {
+        let pid = run.bed.agent_pid(side).expect("agent running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let locked_kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmLck:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmLck line");
+        eprintln!("{}: VmLck {locked_kb} kB", side.label());
+        assert!(locked_kb > 0, "{}: agent memory not locked", side.label());
+        assert!(
+            run.bed
+                .agent_log(side)
+                .contains("core dumps off, memory locked"),
+            "{}: no word of the memory protection\n{}",
+            side.label(),
+            run.bed.logs_tail(20)
+        );
+    }
 }
 
 /// Deletes every key record in `dir`; returns how many there were.

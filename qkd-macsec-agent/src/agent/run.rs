@@ -55,6 +55,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             missing.join(", ")
         );
     }
+    // Before any key (or the KME client's private key) is read: no core dumps, no swap.
+    let memory = crate::privs::protect_key_memory()
+        .context("prctl(PR_SET_DUMPABLE, 0): cannot keep key material out of core dumps")?;
+    match &memory.locked {
+        Ok(()) => {
+            tracing::info!("core dumps off, memory locked (no key material in dumps or swap)")
+        }
+        Err(why) => {
+            tracing::warn!(%why, "core dumps off, but memory is not locked: swap may hold key material; give the agent an unlimited RLIMIT_MEMLOCK (LimitMEMLOCK=infinity, which the packaged unit sets, or `ulimit -l unlimited`)")
+        }
+    }
     crate::privs::check_config_file(&args.config)?;
     let cfg = Config::load(&args.config)?;
     crate::privs::check_startup_files(&args.config, &cfg)?;
