@@ -151,6 +151,7 @@ pub struct GatewayFiles {
     pub status_socket: PathBuf,
     pub bpffs_pin_dir: PathBuf,
     pub state_dir: PathBuf,
+    pub ledger_dir: PathBuf,
 }
 
 /// Renders one gateway's config TOML. Every value comes from `spec`; the text is checked with
@@ -171,6 +172,7 @@ pub fn render_config(side: Side, spec: &LinkSpec, certs: &Path, files: &GatewayF
     let _ = writeln!(s, "bpffs_pin_dir = {}", q(&files.bpffs_pin_dir));
     let _ = writeln!(s, "status_socket = {}", q(&files.status_socket));
     let _ = writeln!(s, "state_dir = {}", q(&files.state_dir));
+    let _ = writeln!(s, "ledger_dir = {}", q(&files.ledger_dir));
     let _ = writeln!(s, "log_level = \"info\"\n");
     let _ = writeln!(s, "[[link]]");
     let _ = writeln!(s, "name = \"{}-link\"", side.label());
@@ -414,6 +416,7 @@ impl Testbed {
             status_socket: dir.join(format!("{}.status.sock", s.label())),
             bpffs_pin_dir: bpffs.join(s.label()),
             state_dir: dir.join(format!("{}.state", s.label())),
+            ledger_dir: dir.join(format!("{}.ledger", s.label())),
         });
         let mut bed = Testbed {
             dir,
@@ -1676,6 +1679,7 @@ mod tests {
             status_socket: "/t/gw.sock".into(),
             bpffs_pin_dir: "/t/bpffs".into(),
             state_dir: "/t/state".into(),
+            ledger_dir: "/t/ledger".into(),
         };
         for side in Side::BOTH {
             let text = render_extra_links(

@@ -36,6 +36,7 @@ fn valid_config(dir: &Path) -> GatewayFiles {
         status_socket: dir.join("gw.sock"),
         bpffs_pin_dir: dir.join("bpffs"),
         state_dir: dir.join("state"),
+        ledger_dir: dir.join("ledger"),
     };
     let text = render_config(Side::A, &LinkSpec::fast("cak"), &certs, &files);
     std::fs::write(&files.config, text).unwrap();

@@ -80,6 +80,7 @@ fn malformed_configs_are_rejected_with_the_field_named() {
         status_socket: dir.join("gw.sock"),
         bpffs_pin_dir: dir.join("bpffs"),
         state_dir: dir.join("state"),
+        ledger_dir: dir.join("ledger"),
     };
     let valid = render_config(Side::A, &LinkSpec::fast("cak"), &dir.join("certs"), &files);
     qkd_macsec_agent::config::Config::parse(&valid, "valid").expect("the base config is valid");

@@ -33,7 +33,22 @@ fn cfg(role: Role) -> KeyxConfig {
         availability_window: Duration::from_secs(10),
         max_rx_per_sec: 50,
         initial_seq: 1,
+        incarnation: sci(role),
+        local_sci: sci(role),
     }
+}
+
+/// The SCI of each end (port 1); also a fine non-zero incarnation for a benchmark.
+fn sci(role: Role) -> u64 {
+    match role {
+        Role::Master => 0x0200_0000_000a_0001,
+        Role::Slave => 0x0200_0000_000b_0001,
+    }
+}
+
+/// The Ethernet source address of frames from `role`.
+fn mac(role: Role) -> [u8; 6] {
+    crate::keyx::wire::sci_mac(sci(role))
 }
 
 /// A master and a slave that share one confirmed key (so messages are authenticated).
@@ -52,13 +67,13 @@ fn keyed_pair(t: Instant) -> (Keyx, Keyx) {
     )
     .expect("announce");
     while let Some(p) = m.poll_transmit() {
-        let _ = s.handle_payload(&p, t);
+        let _ = s.handle_payload(&p, mac(Role::Master), t);
     }
     while s.poll_event().is_some() {}
     s.fetched(key_id, Ok(SecretBytes::new(vec![9; 32])))
         .expect("fetched");
     while let Some(p) = s.poll_transmit() {
-        let _ = m.handle_payload(&p, t);
+        let _ = m.handle_payload(&p, mac(Role::Slave), t);
     }
     while s.poll_event().is_some() {}
     while m.poll_event().is_some() {}
@@ -113,7 +128,7 @@ pub fn run(n: usize) -> anyhow::Result<()> {
         // A fresh receiver per round, so every message is new to its replay window.
         let (_, mut s) = keyed_pair(t);
         for p in &genuine {
-            std::hint::black_box(s.handle_payload(p, t));
+            std::hint::black_box(s.handle_payload(p, mac(Role::Master), t));
             while s.poll_event().is_some() {}
         }
     });
@@ -129,7 +144,7 @@ pub fn run(n: usize) -> anyhow::Result<()> {
     let forged_ns = per_item(n, || {
         let (_, mut s) = keyed_pair(t);
         for p in &forged {
-            std::hint::black_box(s.handle_payload(p, t));
+            std::hint::black_box(s.handle_payload(p, mac(Role::Master), t));
         }
     });
     let malformed: Vec<Vec<u8>> = genuine
@@ -143,14 +158,14 @@ pub fn run(n: usize) -> anyhow::Result<()> {
     let malformed_ns = per_item(n, || {
         let (_, mut s) = keyed_pair(t);
         for p in &malformed {
-            std::hint::black_box(s.handle_payload(p, t));
+            std::hint::black_box(s.handle_payload(p, mac(Role::Master), t));
         }
     });
     let replay_ns = per_item(n, || {
         let (_, mut s) = keyed_pair(t);
-        let _ = s.handle_payload(&genuine[0], t);
+        let _ = s.handle_payload(&genuine[0], mac(Role::Master), t);
         for _ in 0..n {
-            std::hint::black_box(s.handle_payload(&genuine[0], t));
+            std::hint::black_box(s.handle_payload(&genuine[0], mac(Role::Master), t));
         }
         while s.poll_event().is_some() {}
     });

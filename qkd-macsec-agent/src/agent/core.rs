@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use super::record::Adoption;
 use crate::config::{Link, ProfileKind, Role};
 use crate::keyx::machine::{Event as KxEvent, Keyx, KeyxConfig, LostReason};
-use crate::keyx::wire::{Active, KeyRole, NackReason};
+use crate::keyx::wire::{sci_mac, Active, KeyRole, NackReason};
 use crate::keyx::KeyId;
 use crate::profile::{KeySupply, Params, ProfileError, Sak, SupplyAction};
 use crate::secret::SecretBytes;
@@ -37,6 +37,21 @@ pub type NonceSource = Box<dyn FnMut(&mut [u8]) + Send>;
 
 /// Least time between two rollovers triggered by a peer that reports no active key.
 pub const PEER_RESET_HOLDOFF: Duration = Duration::from_secs(10);
+
+/// What the IO layer knows at start that the core cannot make up.
+#[derive(Debug, Clone, Default)]
+pub struct Start {
+    /// First key-exchange sequence number ([`KeyxConfig::initial_seq`]).
+    pub initial_seq: u64,
+    /// Random, non-zero, new at every start ([`KeyxConfig::incarnation`]).
+    pub incarnation: u64,
+    /// The SCI our TX SC has ([`KeyxConfig::local_sci`]).
+    pub local_sci: u64,
+    /// Key_IDs that an earlier life of this agent put into the kernel (the ledger,
+    /// `agent::ledger`): never fetched, announced or installed again, whatever a KME or a
+    /// replayed message offers.
+    pub used_keys: Vec<KeyId>,
+}
 
 /// A key the master's KME returned.
 #[derive(Debug)]
@@ -135,7 +150,9 @@ pub struct LinkCore {
     peer_mac: Option<[u8; 6]>,
     /// Earliest time a peer that reports no active key may trigger another rollover.
     peer_reset_holdoff: Option<Instant>,
-    retire_at: Vec<(Instant, u8, [u8; 6])>,
+    /// Our old TX SAs (when to remove, AN, peer, when the old key's lifetime ends): the
+    /// peer's RX SA on that AN is kept until it switched, but never past the key's lifetime.
+    retire_at: Vec<(Instant, u8, [u8; 6], Instant)>,
     /// Old RX SAs (AN, peer, give-up time) whose TX side is retired, kept until the peer is
     /// known to transmit on the new AN: a slave that switched first must keep accepting the
     /// master's old SA until the master has switched too, however late its ACK arrives.
@@ -225,10 +242,10 @@ fn nack_for(e: &ProfileError) -> NackReason {
 }
 
 impl LinkCore {
-    /// `initial_seq`: see [`KeyxConfig::initial_seq`]. `nonce` fills KS-nonces (CAK profile)
-    /// from a cryptographic random source.
-    pub fn new(link: &Link, initial_seq: u64, nonce: NonceSource, now: Instant) -> Self {
-        let mut core = Self::build(link, initial_seq, nonce, now);
+    /// `start`: see [`Start`]. `nonce` fills KS-nonces (CAK profile) from a cryptographic
+    /// random source.
+    pub fn new(link: &Link, start: Start, nonce: NonceSource, now: Instant) -> Self {
+        let mut core = Self::build(link, start, nonce, now);
         core.pump(now);
         core
     }
@@ -239,12 +256,12 @@ impl LinkCore {
     /// would refuse (docs/protocol.md 3.3, "Restart").
     pub fn new_with_first_an(
         link: &Link,
-        initial_seq: u64,
+        start: Start,
         nonce: NonceSource,
         first_an: u8,
         now: Instant,
     ) -> Self {
-        let mut core = Self::build(link, initial_seq, nonce, now);
+        let mut core = Self::build(link, start, nonce, now);
         // `next_an` starts after `last_an`.
         core.last_an = Some((first_an + 3) % 4);
         core.pump(now);
@@ -258,12 +275,12 @@ impl LinkCore {
     /// no longer hold, and no rollover can reuse the adopted key).
     pub fn new_adopted(
         link: &Link,
-        initial_seq: u64,
+        start: Start,
         nonce: NonceSource,
         adoption: Adoption,
         now: Instant,
     ) -> Self {
-        let mut core = Self::build(link, initial_seq, nonce, now);
+        let mut core = Self::build(link, start, nonce, now);
         match now.checked_sub(adoption.age) {
             Some(since) => {
                 let Adoption {
@@ -287,19 +304,26 @@ impl LinkCore {
         core
     }
 
-    fn build(link: &Link, initial_seq: u64, nonce: NonceSource, now: Instant) -> Self {
+    fn build(link: &Link, start: Start, nonce: NonceSource, now: Instant) -> Self {
         let params = Params::from_link(link);
         let tolerated = match link.profile {
             ProfileKind::Cak => link.cak.tolerated_failures,
             // A full buffer rides out k failed requests.
             ProfileKind::Sak => link.sak.buffer,
         };
+        let mut keyx = Keyx::new(
+            KeyxConfig::from_link(link, start.initial_seq, start.incarnation, start.local_sci),
+            now,
+        );
+        for k in start.used_keys {
+            keyx.retire(k);
+        }
         Self {
             label: link.label().to_owned(),
             role: link.role(),
             kind: link.profile,
             key_len: params.qkd_key_len(),
-            keyx: Keyx::new(KeyxConfig::from_link(link, initial_seq), now),
+            keyx,
             supply: KeySupply::new(params, now),
             wd: Watchdog::new(Limits::from_config(&link.akl, link.cipher, tolerated)),
             nonce,
@@ -418,11 +442,17 @@ impl LinkCore {
 
     /// A project TLV payload from the LLDP frame sent by `src_mac`.
     pub fn handle_tlv(&mut self, payload: &[u8], src_mac: [u8; 6], now: Instant) {
-        if self.keyx.handle_payload(payload, now) && self.peer_mac != Some(src_mac) {
-            // Only an authenticated message may tell us where the peer is: a forged source
-            // address could otherwise point our RX SC at the wrong SCI.
-            tracing::info!(link = %self.label, peer_mac = %mac_str(src_mac), "peer located");
-            self.peer_mac = Some(src_mac);
+        // Only the SCI inside an authenticated message may tell us where the peer is: the
+        // frame's source address is not covered by the tag, and a genuine message forwarded
+        // under another address would point our RX SC at the wrong SCI (keyx drops such
+        // frames, and any that claim our own SCI).
+        if self.keyx.handle_payload(payload, src_mac, now) {
+            let mac = self.keyx.peer_sci().map(sci_mac);
+            if mac.is_some() && self.peer_mac != mac {
+                let m = mac.unwrap_or_default();
+                tracing::info!(link = %self.label, peer_mac = %mac_str(m), "peer located");
+                self.peer_mac = mac;
+            }
         }
         self.pump(now);
     }
@@ -597,19 +627,16 @@ impl LinkCore {
         let (due, later): (Vec<_>, Vec<_>) =
             self.retire_at.drain(..).partition(|(t, ..)| *t <= now);
         self.retire_at = later;
-        for (t, an, peer_mac) in due {
+        for (_, an, peer_mac, expiry) in due {
             // Never retire the AN we transmit with (a rollover may have come back round to it).
             if self.active.map(|(_, a)| a) == Some(an) {
                 continue;
             }
             self.commands.push_back(Command::RetireTx { an });
-            // A stalled link's exhausted key goes at once (`t` is then `now`); an old key is
-            // accepted until the peer has switched, but never beyond the key's lifetime.
-            let give_up = if self.wd.is_stalled() {
-                now
-            } else {
-                t + self.wd.limits().max_age
-            };
+            // A stalled link's exhausted key goes at once; an old key is accepted until the
+            // peer has switched, but never beyond the key's lifetime counted from its
+            // activation (not from the switch away from it).
+            let give_up = if self.wd.is_stalled() { now } else { expiry };
             self.rx_retire.push((an, peer_mac, give_up));
         }
         self.retire_rx_when_peer_switched(now);
@@ -657,6 +684,8 @@ impl LinkCore {
     // ---------------- internals ----------------
 
     fn activated(&mut self, key: KeyRef, an: u8, now: Instant) {
+        // The old key's lifetime ends where the watchdog counted it to end.
+        let old_expiry = self.active_expiry().unwrap_or(now);
         let old = self.active.replace((key, an));
         self.last_an = Some(an);
         self.rollovers += 1;
@@ -676,7 +705,8 @@ impl LinkCore {
         if let Some((old_key, old_an)) = old {
             if old_an != an {
                 if let Some(peer) = self.peer_mac {
-                    self.retire_at.push((now + RETIRE_GRACE, old_an, peer));
+                    self.retire_at
+                        .push((now + RETIRE_GRACE, old_an, peer, old_expiry));
                 }
             }
             // The QKD key behind the old SAK is used up (SAK profile), or the old CAK once SAKs
@@ -701,9 +731,11 @@ impl LinkCore {
     /// [`LinkCore::rollover_failed`], but the RX SA at `an` stays until the peer is seen on our
     /// active AN or `max_age` from now.
     fn rollover_undecided(&mut self, detail: String, an: u8, key: Option<KeyRef>, now: Instant) {
+        // The slave may have started using the key as soon as it got the INSTALL.
+        let first_use = self.install_sent.take().unwrap_or(now);
         if let Some(peer) = self.peer_mac {
             self.rx_retire
-                .push((an, peer, now + self.wd.limits().max_age));
+                .push((an, peer, first_use + self.wd.limits().max_age));
         }
         self.rollover_given_up(detail, key);
     }
@@ -737,7 +769,7 @@ impl LinkCore {
         (0..4).map(|i| (start + i) % 4).find(|an| {
             self.active.map(|(_, a)| a) != Some(*an)
                 && !self.rx_retire.iter().any(|(a, ..)| a == an)
-                && !self.retire_at.iter().any(|(_, a, _)| a == an)
+                && !self.retire_at.iter().any(|(_, a, ..)| a == an)
         })
     }
 
@@ -949,7 +981,7 @@ impl LinkCore {
                         // (now, no grace: the link is stalled) and never accept it again.
                         self.active = None;
                         if let Some(peer) = self.peer_mac {
-                            self.retire_at.push((now, an, peer));
+                            self.retire_at.push((now, an, peer, now));
                         }
                         if self.kind == ProfileKind::Sak {
                             self.keyx.retire(key.key_id);

@@ -3,5 +3,7 @@
 
 pub mod bench;
 pub mod core;
+pub mod ledger;
 pub mod record;
 pub mod run;
+pub mod statefile;

@@ -10,15 +10,16 @@
 //! computed from it is never too small).
 //!
 //! The file lives in `global.state_dir`, which belongs on a tmpfs: a reboot clears the kernel's
-//! SAs and must clear the record with them.
+//! SAs and must clear the record with them. Whoever could write it could extend an adopted key's
+//! lifetime, so it is read and written only through [`super::statefile`] (private directory, no
+//! symlinks, no file that others own or may write).
 
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::statefile::{self, StateError};
 use crate::keyx::KeyId;
 use crate::watchdog::KeyRef;
 
@@ -56,11 +57,8 @@ pub struct Adoption {
 /// Errors reading or writing a record (never fatal: without a record the link re-keys).
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    State(#[from] StateError),
     #[error("{path}: not a key record ({detail}); delete it, the link re-keys without it")]
     Malformed { path: PathBuf, detail: String },
 }
@@ -80,6 +78,10 @@ pub fn boottime() -> Duration {
 
 /// The record file of a link (the label is checked by the config to be a plain name).
 pub fn path(dir: &Path, link: &str) -> PathBuf {
+    dir.join(file_name(link))
+}
+
+fn file_name(link: &str) -> String {
     let safe: String = link
         .chars()
         .map(|c| {
@@ -90,7 +92,7 @@ pub fn path(dir: &Path, link: &str) -> PathBuf {
             }
         })
         .collect();
-    dir.join(format!("{safe}.key.json"))
+    format!("{safe}.key.json")
 }
 
 impl KeyRecord {
@@ -117,33 +119,15 @@ impl KeyRecord {
     /// Writes the record atomically (a crash leaves the old record or the new, never half of
     /// one), readable by root only.
     pub fn save(&self, dir: &Path) -> Result<(), RecordError> {
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| RecordError::Io { path, source }
-        };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let dst = path(dir, &self.link);
-        let tmp = dst.with_extension("json.tmp");
         let body = serde_json::to_vec_pretty(self).expect("a KeyRecord always serializes");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io(&tmp))?;
-        f.write_all(&body).map_err(io(&tmp))?;
-        f.sync_data().map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &dst).map_err(io(&dst))
+        Ok(statefile::write_atomic(dir, &file_name(&self.link), &body)?)
     }
 
     /// The link's record, if there is one.
     pub fn load(dir: &Path, link: &str) -> Result<Option<Self>, RecordError> {
         let p = path(dir, link);
-        let body = match std::fs::read(&p) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(RecordError::Io { path: p, source }),
+        let Some(body) = statefile::read(dir, &file_name(link))? else {
+            return Ok(None);
         };
         let r: KeyRecord = serde_json::from_slice(&body).map_err(|e| RecordError::Malformed {
             path: p.clone(),
@@ -160,12 +144,7 @@ impl KeyRecord {
 
     /// Removes the link's record (the link stalled: there is nothing to adopt).
     pub fn remove(dir: &Path, link: &str) -> Result<(), RecordError> {
-        let p = path(dir, link);
-        match std::fs::remove_file(&p) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(RecordError::Io { path: p, source }),
-        }
+        Ok(statefile::remove(dir, &file_name(link))?)
     }
 
     /// Checks the record against the kernel's TX SA in use (`encoding_an`, whether it is
@@ -229,13 +208,7 @@ fn hex(b: &[u8]) -> String {
 mod tests {
     use super::*;
 
-    /// A fresh directory per test (no tempfile dependency for two tests).
-    fn tmpdir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("qkd-record-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
+    use crate::agent::statefile::tests::TmpDir;
 
     fn rec() -> KeyRecord {
         KeyRecord::new(
@@ -254,7 +227,8 @@ mod tests {
     #[test]
     fn save_load_remove_round_trip_with_private_mode() {
         use std::os::unix::fs::PermissionsExt as _;
-        let d = tmpdir("rt").join("state");
+        let t = TmpDir::new("record-rt");
+        let d = t.0.join("state");
         assert_eq!(KeyRecord::load(&d, "gw/a link").unwrap(), None);
         let r = rec();
         r.save(&d).unwrap();
@@ -270,14 +244,43 @@ mod tests {
 
     #[test]
     fn garbage_and_foreign_records_are_errors_not_adoptions() {
-        let dir = tmpdir("bad");
-        std::fs::write(path(&dir, "l"), b"{not json").unwrap();
+        let t = TmpDir::new("record-bad");
+        let dir = t.0.clone();
+        statefile::write_atomic(&dir, &file_name("l"), b"{not json").unwrap();
         let e = KeyRecord::load(&dir, "l").unwrap_err().to_string();
         assert!(e.contains("not a key record"), "{e}");
         let mut r = rec();
         r.link = "other".into();
-        std::fs::write(path(&dir, "l"), serde_json::to_vec(&r).unwrap()).unwrap();
+        statefile::write_atomic(&dir, &file_name("l"), &serde_json::to_vec(&r).unwrap()).unwrap();
         assert!(KeyRecord::load(&dir, "l").is_err());
+    }
+
+    /// Issue 17 item 5: a record a local user could have rewritten (say, with a later
+    /// activation time, to extend an adopted key's lifetime) is never loaded.
+    #[test]
+    fn a_record_others_could_have_written_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let chmod = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        let t = TmpDir::new("record-perm");
+        let r = rec();
+        r.save(&t.0).unwrap();
+        assert_eq!(KeyRecord::load(&t.0, "gw/a link").unwrap(), Some(r.clone()));
+        chmod(&path(&t.0, "gw/a link"), 0o646);
+        let e = KeyRecord::load(&t.0, "gw/a link").unwrap_err().to_string();
+        assert!(e.contains("chmod go-w"), "{e}");
+        chmod(&path(&t.0, "gw/a link"), 0o600);
+        chmod(&t.0, 0o733);
+        let e = KeyRecord::load(&t.0, "gw/a link").unwrap_err().to_string();
+        assert!(e.contains("0733"), "{e}");
+        chmod(&t.0, 0o700);
+        // A record planted as a symlink to a file of the attacker's choosing.
+        let other = t.0.join("planted.json");
+        std::fs::rename(path(&t.0, "gw/a link"), &other).unwrap();
+        std::os::unix::fs::symlink(&other, path(&t.0, "gw/a link")).unwrap();
+        let e = KeyRecord::load(&t.0, "gw/a link").unwrap_err().to_string();
+        assert!(e.contains("symlink"), "{e}");
     }
 
     #[test]

@@ -13,7 +13,8 @@ use anyhow::{bail, Context};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 
-use super::core::{Command, FetchedKey, LinkCore, NonceSource, Status};
+use super::core::{Command, FetchedKey, LinkCore, NonceSource, Start, Status};
+use super::ledger::Ledger;
 use super::record::{self, Adoption, KeyRecord};
 use crate::certs::tls::TlsFiles;
 use crate::config::{Config, Link, Role};
@@ -219,6 +220,32 @@ fn nonce_source() -> NonceSource {
     })
 }
 
+/// A fresh, non-zero incarnation from the kernel's random source (see [`Start::incarnation`]).
+fn incarnation() -> u64 {
+    let mut b = [0u8; 8];
+    loop {
+        nonce_source()(&mut b);
+        let v = u64::from_ne_bytes(b);
+        if v != 0 {
+            return v;
+        }
+    }
+}
+
+/// A ledger on a tmpfs forgets every used key at reboot; say so once (tests and VMs do that on
+/// purpose).
+fn warn_if_volatile(dir: &std::path::Path, label: &str) {
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    // SAFETY: an all-zero statfs is a valid value for the kernel to overwrite.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid C string and st a writable statfs.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0 && st.f_type == libc::TMPFS_MAGIC {
+        tracing::warn!(link = %label, dir = %dir.display(), "global.ledger_dir is on a tmpfs: the record of used keys is lost at reboot, and a KME that serves a key_ID again could then get a key reused; put it on persistent storage");
+    }
+}
+
 fn sci(mac: [u8; 6]) -> macsec::Sci {
     // The SCI the kernel gives a MACsec link: the lower device's MAC and port 1
     // (macsec::LinkConfig's default port).
@@ -273,6 +300,8 @@ struct LinkIo {
     recorded: Option<(crate::watchdog::KeyRef, u8, Instant)>,
     /// The key deadline last written to the data plane.
     deadline: Option<Instant>,
+    /// Key_IDs ever installed on this link (see [`super::ledger`]).
+    ledger: Ledger,
 }
 
 async fn run_link(
@@ -284,6 +313,11 @@ async fn run_link(
     alarms: crate::ops::alarm::AlarmSink,
 ) -> anyhow::Result<()> {
     let label = link.label().to_owned();
+    // Before anything touches the kernel: without its ledger a link could install a key that
+    // an earlier life already used.
+    let ledger = Ledger::open(&global.ledger_dir, &label)
+        .with_context(|| format!("loading the ledger of used keys of link {label}"))?;
+    warn_if_volatile(&global.ledger_dir, &label);
     let mut macsec = Macsec::open().context("opening kernel MACsec")?;
     let lcfg = macsec::LinkConfig::new(&link.macsec_interface, &link.lower_interface, link.cipher);
     let adopted = macsec
@@ -333,21 +367,20 @@ async fn run_link(
     kcfg.request_timeout = link.kme.request_timeout.get();
     let kme = KmeClient::new(&kcfg).context("setting up the KME client")?;
     let (kme_tx, mut kme_rx) = mpsc::channel(16);
-    let initial_seq = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(1, |d| d.as_micros() as u64);
+    let start = Start {
+        initial_seq: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_micros() as u64),
+        incarnation: incarnation(),
+        local_sci: mlink.sci.0,
+        used_keys: ledger.used(),
+    };
     let mut core = match (adoption, first_an) {
-        (Some(a), _) => {
-            LinkCore::new_adopted(&link, initial_seq, nonce_source(), a, Instant::now())
+        (Some(a), _) => LinkCore::new_adopted(&link, start, nonce_source(), a, Instant::now()),
+        (None, Some(an)) => {
+            LinkCore::new_with_first_an(&link, start, nonce_source(), an.get(), Instant::now())
         }
-        (None, Some(an)) => LinkCore::new_with_first_an(
-            &link,
-            initial_seq,
-            nonce_source(),
-            an.get(),
-            Instant::now(),
-        ),
-        (None, None) => LinkCore::new(&link, initial_seq, nonce_source(), Instant::now()),
+        (None, None) => LinkCore::new(&link, start, nonce_source(), Instant::now()),
     };
     let mut io = LinkIo {
         label: label.clone(),
@@ -369,6 +402,7 @@ async fn run_link(
         state_dir: global.state_dir.clone(),
         recorded: None,
         deadline: None,
+        ledger,
     };
     tracing::info!(link = %label, role = ?io.role, lower = %link.lower_interface, macsec = %link.macsec_interface, "link started");
     crate::privs::link_ready(index);
@@ -623,6 +657,17 @@ impl LinkIo {
                     }
                 }
                 Command::PrepareRx { peer_mac, an, sak } => {
+                    // Every key's first SA is this one (master and slave both prepare RX
+                    // before anything transmits with it): on record first, or not at all.
+                    if let Err(e) = self.ledger.record(sak.key_ref.key_id) {
+                        tracing::error!(link = %self.label, error = %e, "cannot record the key as used; not installing it");
+                        core.handle_rx_prepared(
+                            an,
+                            Err(format!("recording the key in the ledger: {e}")),
+                            now,
+                        );
+                        continue;
+                    }
                     self.peer_mac = Some(peer_mac);
                     let active_an = core.active().map(|(_, a)| a);
                     let key = sa_key(sak, self.role, false);

@@ -81,6 +81,11 @@ pub struct Global {
     /// enforcing their lifetime. Belongs on a tmpfs: the record must not outlive a reboot, which
     /// also clears the kernel's SAs. Default `/run/qkd-macsec-agent/state`.
     pub state_dir: PathBuf,
+    /// Where the agent keeps, per link, the key_IDs of every QKD key it has installed, so that
+    /// no restart, replayed message or KME that serves a key twice can make a key protect
+    /// traffic twice (AES-GCM nonce reuse). Must survive reboots: not a tmpfs. Private to root
+    /// (checked at every use). Default `/var/lib/qkd-macsec-agent`.
+    pub ledger_dir: PathBuf,
     /// Address of the Prometheus-style metrics endpoint; absent = disabled (the default).
     /// Loopback only unless `metrics_allow_remote` (the endpoint has no TLS and no auth).
     pub metrics_address: Option<SocketAddr>,
@@ -117,6 +122,7 @@ impl Default for Global {
             bpffs_pin_dir: PathBuf::from("/sys/fs/bpf/qkd-macsec"),
             status_socket: PathBuf::from("/run/qkd-macsec-agent/status.sock"),
             state_dir: PathBuf::from("/run/qkd-macsec-agent/state"),
+            ledger_dir: PathBuf::from("/var/lib/qkd-macsec-agent"),
             metrics_address: None,
             metrics_allow_remote: false,
             status_group: None,
@@ -501,6 +507,7 @@ impl Config {
             ("global.bpffs_pin_dir", &g.bpffs_pin_dir),
             ("global.status_socket", &g.status_socket),
             ("global.state_dir", &g.state_dir),
+            ("global.ledger_dir", &g.ledger_dir),
         ] {
             if !p.is_absolute() {
                 return Err((

@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::auth::Ick;
-use super::wire::{AckOf, Active, Body, KeyRole, Message, NackReason, Nonce, Signer};
+use super::wire::{sci_mac, AckOf, Active, Body, KeyRole, Message, NackReason, Nonce, Signer};
 use super::KeyId;
 use crate::config::{Link, Role};
 use crate::secret::SecretBytes;
@@ -34,10 +34,18 @@ pub struct KeyxConfig {
     /// First sequence number (the IO layer passes the start time in µs since the epoch, so a
     /// restarted agent continues above its old numbers).
     pub initial_seq: u64,
+    /// Random per start of this agent, never zero (the IO layer draws it from the kernel's
+    /// random source). Every INSTALL and every answer is bound to the incarnation of the peer it
+    /// addresses, so nothing recorded from an earlier life of either agent is accepted by the
+    /// current one (docs/protocol.md 4.3).
+    pub incarnation: u64,
+    /// The SCI this gateway transmits with. Every message carries it under the tag; a message
+    /// that claims it is refused (a reflection, or a peer with our MAC address).
+    pub local_sci: u64,
 }
 
 impl KeyxConfig {
-    pub fn from_link(l: &Link, initial_seq: u64) -> Self {
+    pub fn from_link(l: &Link, initial_seq: u64, incarnation: u64, local_sci: u64) -> Self {
         Self {
             role: l.role(),
             local_sae: l.local_sae_id.clone(),
@@ -48,7 +56,18 @@ impl KeyxConfig {
             availability_window: l.kme.availability_window.get(),
             max_rx_per_sec: l.keyx.max_rx_per_sec,
             initial_seq,
+            incarnation,
+            local_sci,
         }
+    }
+
+    /// How long the slave waits without an authenticated message from the master before it
+    /// acts on unauthenticated ANNOUNCEs again: three HELLOs missed (MKA's peer life is three
+    /// hello times too). A restarted master, which has no key in common with the slave, is heard
+    /// again after that; an attacker who only injects frames is not heard while the master
+    /// lives.
+    pub fn peer_life(&self) -> Duration {
+        self.hello_interval * 3
     }
 
     fn master_slave(&self) -> (&str, &str) {
@@ -130,6 +149,14 @@ pub struct Stats {
     pub wrong_sender: u64,
     pub rate_limited: u64,
     pub unexpected: u64,
+    /// The message claims our own SCI, or the frame's source address is not the MAC of the
+    /// SCI the message carries (rewritten on the way, or forged).
+    pub wrong_sci: u64,
+    /// Bound to an incarnation that is not this agent's current one: recorded from an earlier
+    /// life of either agent and replayed, or answering a request from before a restart.
+    pub stale: u64,
+    /// Unauthenticated requests not acted on because a key is shared with a live peer.
+    pub unauthenticated_ignored: u64,
     pub sent: u64,
 }
 
@@ -205,6 +232,7 @@ impl TokenBucket {
 #[derive(Debug)]
 struct Outstanding {
     body: Body,
+    echo: u64,
     next_at: Instant,
     delay: Duration,
     deadline: Instant,
@@ -227,14 +255,21 @@ pub struct Keyx {
     retired: HashSet<KeyId>,
     windows: HashMap<KeyId, ReplayWindow>,
     bucket: TokenBucket,
+    /// The peer's SCI and incarnation, from its last authenticated message.
+    peer_sci: Option<u64>,
+    peer_incarnation: Option<u64>,
     // master
     pending_keys: HashMap<KeyId, (KeyRole, u32, SecretBytes)>,
     outstanding: HashMap<Req, Outstanding>,
-    // slave
-    fetching: HashMap<KeyId, (KeyRole, u32)>,
+    /// The slave incarnation whose ACK confirmed each key: INSTALLs of the key are bound to it.
+    confirmed_by: HashMap<KeyId, u64>,
+    // slave (the u64s: the master incarnation the answer is bound to)
+    fetching: HashMap<KeyId, (KeyRole, u32, u64)>,
     received: HashMap<KeyId, (KeyRole, u32)>,
-    installing: HashSet<(KeyId, u32, u8)>,
+    installing: HashMap<(KeyId, u32, u8), u64>,
     installed: HashSet<(KeyId, u32, u8)>,
+    /// When the master last authenticated a message to us (see [`KeyxConfig::peer_life`]).
+    master_heard: Option<Instant>,
     // both
     status: (Option<Active>, u8),
     next_hello: Instant,
@@ -272,12 +307,16 @@ impl Keyx {
                 rate,
                 last: None,
             },
+            peer_sci: None,
+            peer_incarnation: None,
             pending_keys: HashMap::new(),
             outstanding: HashMap::new(),
+            confirmed_by: HashMap::new(),
             fetching: HashMap::new(),
             received: HashMap::new(),
-            installing: HashSet::new(),
+            installing: HashMap::new(),
             installed: HashSet::new(),
+            master_heard: None,
             status: (None, 0),
             next_hello: now,
             transmit: VecDeque::new(),
@@ -293,6 +332,12 @@ impl Keyx {
     /// The key whose ICK authenticates ANNOUNCE, NACK and HELLO, once one is confirmed.
     pub fn anchor(&self) -> Option<KeyId> {
         self.anchor
+    }
+
+    /// The peer's SCI as its last authenticated message stated it (the frame's source address
+    /// is never trusted for this: it is not covered by the tag).
+    pub fn peer_sci(&self) -> Option<u64> {
+        self.peer_sci
     }
 
     /// What the next HELLO reports.
@@ -329,7 +374,7 @@ impl Keyx {
         let body = Body::Announce { key_id, role, kn };
         let window_end = fetched_at + self.cfg.availability_window;
         let deadline = slave_deadline.map_or(window_end, |d| d.min(window_end));
-        self.start(Req::Announce(key_id), body, deadline, now);
+        self.start(Req::Announce(key_id), body, 0, deadline, now);
         Ok(())
     }
 
@@ -348,6 +393,9 @@ impl Keyx {
         if self.retired.contains(&key_id) {
             return Err(KeyxError::Retired(key_id));
         }
+        let Some(&echo) = self.confirmed_by.get(&key_id) else {
+            return Err(KeyxError::NotConfirmed(key_id));
+        };
         if !self.icks.contains_key(&key_id) || self.pending_keys.contains_key(&key_id) {
             return Err(KeyxError::NotConfirmed(key_id));
         }
@@ -364,6 +412,7 @@ impl Keyx {
         self.start(
             Req::Install(key_id, kn),
             body,
+            echo,
             now + self.cfg.availability_window,
             now,
         );
@@ -379,7 +428,7 @@ impl Keyx {
         result: Result<SecretBytes, NackReason>,
     ) -> Result<(), KeyxError> {
         self.require(Role::Slave)?;
-        let Some((role, kn)) = self.fetching.remove(&key_id) else {
+        let Some((role, kn, echo)) = self.fetching.remove(&key_id) else {
             return Err(KeyxError::NotRequested(key_id));
         };
         match result {
@@ -387,7 +436,9 @@ impl Keyx {
                 let ick = self.derive_ick(&key, key_id)?;
                 self.add_ick(ick);
                 self.received.insert(key_id, (role, kn));
-                // Proof of possession: the ACK is tagged with the new key's ICK.
+                // Proof of possession: the ACK is tagged with the new key's ICK. The anchor
+                // does not move here: only the master's use of a key proves that it holds it
+                // (see `handle_payload`), and a replayed ANNOUNCE must not move it.
                 self.send(
                     Some(key_id),
                     Body::Ack {
@@ -397,8 +448,8 @@ impl Keyx {
                         kn,
                         an: None,
                     },
+                    echo,
                 );
-                self.set_anchor(key_id);
                 self.events.push_back(Event::KeyReceived {
                     key_id,
                     role,
@@ -415,6 +466,7 @@ impl Keyx {
                         kn,
                         reason,
                     },
+                    echo,
                 );
             }
         }
@@ -431,9 +483,9 @@ impl Keyx {
         result: Result<(), NackReason>,
     ) -> Result<(), KeyxError> {
         self.require(Role::Slave)?;
-        if !self.installing.remove(&(key_id, kn, an)) {
+        let Some(echo) = self.installing.remove(&(key_id, kn, an)) else {
             return Err(KeyxError::NotRequested(key_id));
-        }
+        };
         match result {
             Ok(()) => {
                 self.installed.insert((key_id, kn, an));
@@ -446,6 +498,7 @@ impl Keyx {
                         kn,
                         an: Some(an),
                     },
+                    echo,
                 );
             }
             Err(reason) => self.send(
@@ -456,6 +509,7 @@ impl Keyx {
                     kn,
                     reason,
                 },
+                echo,
             ),
         }
         Ok(())
@@ -468,6 +522,7 @@ impl Keyx {
     pub fn retire(&mut self, key_id: KeyId) {
         self.retired.insert(key_id);
         self.pending_keys.remove(&key_id);
+        self.confirmed_by.remove(&key_id);
         self.received.remove(&key_id);
         self.outstanding.retain(|r, _| match r {
             Req::Announce(k) | Req::Install(k, _) => *k != key_id,
@@ -477,10 +532,10 @@ impl Keyx {
         }
     }
 
-    /// A payload from the peer's TLV. Returns true when it was authenticated by a key both
-    /// ends hold, was fresh and came from the peer (the caller may then trust the frame's
-    /// source address, e.g. to learn the peer's SCI).
-    pub fn handle_payload(&mut self, payload: &[u8], now: Instant) -> bool {
+    /// A payload from the peer's TLV, in a frame whose Ethernet source address is `src_mac`.
+    /// Returns true when it was authenticated by a key both ends hold, was fresh and came from
+    /// the peer; [`Keyx::peer_sci`] then says where the peer is.
+    pub fn handle_payload(&mut self, payload: &[u8], src_mac: [u8; 6], now: Instant) -> bool {
         self.stats.received += 1;
         let msg = match Message::decode(payload) {
             Ok(m) => m,
@@ -518,12 +573,46 @@ impl Keyx {
             tracing::debug!(sender = %msg.sender, "dropping key-exchange message from an unexpected SAE");
             return false;
         }
+        // Two ends with one SCI would share SAK and SCI in both directions (the same nonces
+        // twice without XPN); a message with our SCI is a reflection or a clone of this gateway.
+        if msg.sci == self.cfg.local_sci {
+            self.stats.wrong_sci += 1;
+            tracing::warn!(sci = format_args!("{:016x}", msg.sci), "dropping key-exchange message that claims this gateway's own SCI (reflected, or the peer has our MAC address)");
+            return false;
+        }
+        // The tag covers the SCI, not the frame's source address: a genuine message forwarded
+        // under another address says nothing about where that address is.
+        if sci_mac(msg.sci) != src_mac {
+            self.stats.wrong_sci += 1;
+            tracing::debug!(
+                sci = format_args!("{:016x}", msg.sci),
+                "dropping key-exchange message whose frame source is not its SCI's address"
+            );
+            return false;
+        }
         if let (true, Some(k)) = (authenticated, msg.auth) {
             if !self.windows.entry(k).or_default().accept(msg.seq) {
                 self.stats.replayed += 1;
                 return false;
             }
         }
+        if authenticated {
+            self.peer_sci = Some(msg.sci);
+            self.peer_incarnation = Some(msg.incarnation);
+            if self.cfg.role == Role::Slave {
+                self.master_heard = Some(now);
+                // The master tags ANNOUNCE, NACK and HELLO with its anchor: the newest key it
+                // knows we hold. Its use proves the master holds it too, so it becomes ours.
+                if let (Some(k), Body::Announce { .. } | Body::Nack { .. } | Body::Hello { .. }) =
+                    (msg.auth, &msg.body)
+                {
+                    if self.anchor != Some(k) {
+                        self.set_anchor(k);
+                    }
+                }
+            }
+        }
+        let (inc, echo) = (msg.incarnation, msg.echo);
         match (self.cfg.role, msg.body) {
             (_, Body::Hello { active, held }) => self.events.push_back(Event::PeerHello {
                 active,
@@ -540,7 +629,7 @@ impl Keyx {
                     an,
                 },
             ) => {
-                self.on_ack(of, key_id, role, kn, an, msg.auth);
+                self.on_ack(of, key_id, role, kn, an, msg.auth, inc, echo);
             }
             (
                 Role::Master,
@@ -548,10 +637,10 @@ impl Keyx {
                     key_id, kn, reason, ..
                 },
             ) => {
-                self.on_nack(key_id, kn, reason, authenticated);
+                self.on_nack(key_id, kn, reason, authenticated, echo);
             }
             (Role::Slave, Body::Announce { key_id, role, kn }) => {
-                self.on_announce(key_id, role, kn);
+                self.on_announce(key_id, role, kn, authenticated, inc, now);
             }
             (
                 Role::Slave,
@@ -563,7 +652,7 @@ impl Keyx {
                     nonce,
                 },
             ) => {
-                self.on_install(key_id, role, kn, an, nonce, msg.auth);
+                self.on_install(key_id, role, kn, an, nonce, msg.auth, inc, echo);
             }
             _ => {
                 self.stats.unexpected += 1;
@@ -576,7 +665,8 @@ impl Keyx {
     pub fn handle_timeout(&mut self, now: Instant) {
         if now >= self.next_hello {
             let (active, held) = self.status.clone();
-            self.send(self.anchor, Body::Hello { active, held });
+            let echo = self.peer_incarnation.unwrap_or(0);
+            self.send(self.anchor, Body::Hello { active, held }, echo);
             self.next_hello = now + self.cfg.hello_interval;
         }
         let mut expired = Vec::new();
@@ -585,14 +675,14 @@ impl Keyx {
             if now >= o.deadline {
                 expired.push(*req);
             } else if now >= o.next_at {
-                resend.push(o.body.clone());
+                resend.push((o.body.clone(), o.echo));
                 o.delay = (o.delay * 2).min(self.cfg.retransmit_max);
                 o.next_at = now + o.delay;
             }
         }
-        for body in resend {
+        for (body, echo) in resend {
             let auth = self.auth_for(&body);
-            self.send(auth, body);
+            self.send(auth, body, echo);
         }
         for req in expired {
             let Some(o) = self.outstanding.remove(&req) else {
@@ -692,10 +782,14 @@ impl Keyx {
         }
     }
 
-    fn send(&mut self, auth: Option<KeyId>, body: Body) {
+    /// `echo`: the peer incarnation the message answers or is bound to (0 = none).
+    fn send(&mut self, auth: Option<KeyId>, body: Body, echo: u64) {
         let msg = Message {
             seq: self.seq,
             sender: self.cfg.local_sae.clone(),
+            sci: self.cfg.local_sci,
+            incarnation: self.cfg.incarnation,
+            echo,
             auth,
             body,
         };
@@ -714,13 +808,14 @@ impl Keyx {
         }
     }
 
-    fn start(&mut self, req: Req, body: Body, deadline: Instant, now: Instant) {
+    fn start(&mut self, req: Req, body: Body, echo: u64, deadline: Instant, now: Instant) {
         let auth = self.auth_for(&body);
-        self.send(auth, body.clone());
+        self.send(auth, body.clone(), echo);
         self.outstanding.insert(
             req,
             Outstanding {
                 body,
+                echo,
                 next_at: now + self.cfg.retransmit_initial,
                 delay: self.cfg.retransmit_initial,
                 deadline,
@@ -751,6 +846,10 @@ impl Keyx {
         }
     }
 
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the decoded fields of one ACK; a one-use struct adds nothing"
+    )]
     fn on_ack(
         &mut self,
         of: AckOf,
@@ -759,10 +858,17 @@ impl Keyx {
         kn: u32,
         an: Option<u8>,
         auth: Option<KeyId>,
+        slave_incarnation: u64,
+        echo: u64,
     ) {
         // Only an ACK tagged with the key it acknowledges proves possession.
         if auth != Some(key_id) {
             self.stats.unexpected += 1;
+            return;
+        }
+        // An answer to a request of an earlier life of this agent (recorded and replayed).
+        if echo != self.cfg.incarnation {
+            self.stats.stale += 1;
             return;
         }
         match of {
@@ -775,6 +881,7 @@ impl Keyx {
                 }
                 self.outstanding.remove(&Req::Announce(key_id));
                 if let Some((role, kn, key)) = self.pending_keys.remove(&key_id) {
+                    self.confirmed_by.insert(key_id, slave_incarnation);
                     self.set_anchor(key_id);
                     self.events.push_back(Event::KeyConfirmed {
                         key_id,
@@ -804,10 +911,24 @@ impl Keyx {
         }
     }
 
-    fn on_nack(&mut self, key_id: KeyId, kn: u32, reason: NackReason, authenticated: bool) {
-        // Unauthenticated refusals count only while no secret is shared yet (bootstrap).
-        if !authenticated && self.anchor.is_some() {
-            self.stats.unexpected += 1;
+    fn on_nack(
+        &mut self,
+        key_id: KeyId,
+        kn: u32,
+        reason: NackReason,
+        authenticated: bool,
+        echo: u64,
+    ) {
+        // An unauthenticated refusal is not acted on, not even during bootstrap: anyone can
+        // send one, and one raced ahead of each ACK would stop the link from ever keying. The
+        // request then runs to its deadline (the availability window), and a genuine ACK that
+        // follows still confirms the key.
+        if !authenticated {
+            self.stats.unauthenticated_ignored += 1;
+            return;
+        }
+        if echo != self.cfg.incarnation {
+            self.stats.stale += 1;
             return;
         }
         if let Some(o) = self.outstanding.get(&Req::Install(key_id, kn)) {
@@ -836,7 +957,7 @@ impl Keyx {
 
     /// A retired key is never taken back into use: an announce or install of one gets a
     /// `Retired` NACK and changes nothing. Returns whether the key was retired.
-    fn nack_if_retired(&mut self, key_id: KeyId, role: KeyRole, kn: u32) -> bool {
+    fn nack_if_retired(&mut self, key_id: KeyId, role: KeyRole, kn: u32, echo: u64) -> bool {
         if !self.retired.contains(&key_id) {
             return false;
         }
@@ -848,12 +969,35 @@ impl Keyx {
                 kn,
                 reason: NackReason::Retired,
             },
+            echo,
         );
         true
     }
 
-    fn on_announce(&mut self, key_id: KeyId, role: KeyRole, kn: u32) {
-        if self.nack_if_retired(key_id, role, kn) {
+    /// Slave: whether unauthenticated ANNOUNCEs may be acted on. Only while no key is shared
+    /// with a live master: at first start, after our restart (no anchor), or once the master
+    /// has been silent for [`KeyxConfig::peer_life`] (it restarted and lost every key).
+    fn bootstrapping(&self, now: Instant) -> bool {
+        self.anchor.is_none()
+            || self
+                .master_heard
+                .is_none_or(|t| now >= t + self.cfg.peer_life())
+    }
+
+    fn on_announce(
+        &mut self,
+        key_id: KeyId,
+        role: KeyRole,
+        kn: u32,
+        authenticated: bool,
+        master_incarnation: u64,
+        now: Instant,
+    ) {
+        if !authenticated && !self.bootstrapping(now) {
+            self.stats.unauthenticated_ignored += 1;
+            return;
+        }
+        if self.nack_if_retired(key_id, role, kn, master_incarnation) {
             return;
         }
         if let Some(&(r, n)) = self.received.get(&key_id) {
@@ -867,20 +1011,27 @@ impl Keyx {
                     kn: n,
                     an: None,
                 },
+                master_incarnation,
             );
             return;
         }
-        if self.fetching.contains_key(&key_id) {
+        if let Some(f) = self.fetching.get_mut(&key_id) {
+            // The ACK that follows the fetch answers the newest ANNOUNCE.
+            f.2 = master_incarnation;
             return;
         }
         if self.fetching.len() >= MAX_FETCHES_IN_FLIGHT {
             self.stats.rate_limited += 1;
             return;
         }
-        self.fetching.insert(key_id, (role, kn));
+        self.fetching.insert(key_id, (role, kn, master_incarnation));
         self.events.push_back(Event::FetchKey { key_id, role, kn });
     }
 
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the decoded fields of one INSTALL; a one-use struct adds nothing"
+    )]
     fn on_install(
         &mut self,
         key_id: KeyId,
@@ -889,8 +1040,10 @@ impl Keyx {
         an: u8,
         nonce: Option<Nonce>,
         auth: Option<KeyId>,
+        master_incarnation: u64,
+        echo: u64,
     ) {
-        if self.nack_if_retired(key_id, role, kn) {
+        if self.nack_if_retired(key_id, role, kn, master_incarnation) {
             return;
         }
         if !self.icks.contains_key(&key_id) {
@@ -902,12 +1055,31 @@ impl Keyx {
                     kn,
                     reason: NackReason::UnknownKey,
                 },
+                master_incarnation,
             );
             return;
         }
         // Only the holder of the key itself may ask for it to be installed.
         if auth != Some(key_id) {
             self.stats.unexpected += 1;
+            return;
+        }
+        // Bound to another life of this agent: recorded before we restarted and replayed (if
+        // our KME served the key again, the same SAK would be installed at PN 1 a second time),
+        // or sent by a master that does not know we restarted. Either way we do not hold the
+        // key as the master means it; the master drops it on this NACK.
+        if echo != self.cfg.incarnation {
+            self.stats.stale += 1;
+            self.send(
+                self.auth_for_nack(key_id),
+                Body::Nack {
+                    key_id,
+                    role,
+                    kn,
+                    reason: NackReason::UnknownKey,
+                },
+                master_incarnation,
+            );
             return;
         }
         if self.installed.contains(&(key_id, kn, an)) {
@@ -920,12 +1092,14 @@ impl Keyx {
                     kn,
                     an: Some(an),
                 },
+                master_incarnation,
             );
             return;
         }
-        if !self.installing.insert((key_id, kn, an)) {
+        if self.installing.contains_key(&(key_id, kn, an)) {
             return;
         }
+        self.installing.insert((key_id, kn, an), master_incarnation);
         self.events.push_back(Event::InstallRequested {
             key_id,
             role,

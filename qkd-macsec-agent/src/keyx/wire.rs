@@ -1,9 +1,9 @@
-//! Wire format of the key-ID exchange payload (version 1). See docs/protocol.md for the
+//! Wire format of the key-ID exchange payload (version 2). See docs/protocol.md for the
 //! rationale; the layout is fixed so the decoder can be strict about every byte.
 //!
 //! ```text
 //! off  len  field
-//!   0    1  version (1)
+//!   0    1  version (2)
 //!   1    1  type: 1 ANNOUNCE, 2 INSTALL, 3 ACK, 4 NACK, 5 HELLO
 //!   2    1  key role: 0 none, 1 CAK, 2 SAK
 //!   3    1  AN 0..=3, 0xFF none
@@ -15,8 +15,14 @@
 //!  16    4  key number KN, big-endian
 //!  20   16  key_ID (UUID bytes; zero = none)
 //!  36   16  auth key_ID: the key whose ICK made the tag (zero = unauthenticated)
-//!  52    N  nonce (KS-nonce)
-//! 52+N   S  sender SAE-ID (ASCII)
+//!  52    8  sender SCI: MAC address of the sender's MACsec lower interface and port, as in a
+//!           SecTAG (never zero)
+//!  60    8  incarnation: random per start of the sending agent (never zero)
+//!  68    8  echo: the peer's incarnation this message answers or is bound to (ACK, NACK: the
+//!           request's; INSTALL: the slave's that confirmed the key); zero in ANNOUNCE, and in
+//!           HELLO when the sender knows none
+//!  76    N  nonce (KS-nonce)
+//! 76+N   S  sender SAE-ID (ASCII)
 //!   ..  16  tag: AES-CMAC(ICK, every preceding byte); zero when unauthenticated
 //! ```
 
@@ -24,10 +30,11 @@ use std::fmt;
 
 use super::KeyId;
 
-/// Protocol version this module speaks.
-pub const VERSION: u8 = 1;
+/// Protocol version this module speaks. Version 1 lacked the sender SCI, incarnation and echo
+/// (docs/protocol.md, "Version history"); its messages are refused.
+pub const VERSION: u8 = 2;
 /// Fixed part before the nonce.
-pub const HEADER_LEN: usize = 52;
+pub const HEADER_LEN: usize = 76;
 /// Length of the authentication tag.
 pub const TAG_LEN: usize = 16;
 /// Largest payload an organizationally specific TLV can carry after OUI and subtype
@@ -208,6 +215,14 @@ pub struct Message {
     pub seq: u64,
     /// The sender's SAE-ID.
     pub sender: String,
+    /// The SCI the sender transmits MACsec frames with (its lower interface's MAC and port).
+    /// Covered by the tag, so once authenticated it says where the peer is; the Ethernet
+    /// source address of the frame that carried the message says nothing.
+    pub sci: u64,
+    /// Random per start of the sending agent, never zero.
+    pub incarnation: u64,
+    /// The peer's incarnation this message answers or is bound to; zero = none.
+    pub echo: u64,
     /// The key whose ICK authenticates the message; `None` = unauthenticated.
     pub auth: Option<KeyId>,
     pub body: Body,
@@ -246,6 +261,8 @@ pub enum DecodeError {
     UnexpectedField { ty: MsgType, field: &'static str },
     #[error("unauthenticated message carries a non-zero tag")]
     TagWithoutAuth,
+    #[error("{ty:?}: field {field} must not be zero")]
+    MissingField { ty: MsgType, field: &'static str },
 }
 
 /// Errors building a message (programming errors in the caller, reported not panicked).
@@ -259,6 +276,8 @@ pub enum EncodeError {
     AuthMismatch(KeyId),
     #[error("a CAK-role INSTALL needs a nonce and a SAK-role INSTALL must not have one")]
     Nonce,
+    #[error("{0} must not be zero here (or must be zero in an ANNOUNCE's echo)")]
+    Binding(&'static str),
 }
 
 fn role_byte(r: KeyRole) -> u8 {
@@ -279,6 +298,17 @@ impl Message {
         }
         if self.auth.is_some() != signer.is_some() {
             return Err(EncodeError::AuthMismatch(self.auth.unwrap_or(KeyId::NIL)));
+        }
+        if self.sci == 0 {
+            return Err(EncodeError::Binding("sci"));
+        }
+        if self.incarnation == 0 {
+            return Err(EncodeError::Binding("incarnation"));
+        }
+        match (echo_rule(self.body.msg_type()), self.echo) {
+            (Echo::Zero, 0) | (Echo::Any, _) => {}
+            (Echo::Required, e) if e != 0 => {}
+            _ => return Err(EncodeError::Binding("echo")),
         }
         let (role, an, code, kn, key_id, nonce): (u8, u8, u8, u32, KeyId, &[u8]) = match &self.body
         {
@@ -351,6 +381,9 @@ impl Message {
         out.extend_from_slice(&kn.to_be_bytes());
         out.extend_from_slice(key_id.as_bytes());
         out.extend_from_slice(self.auth.unwrap_or(KeyId::NIL).as_bytes());
+        out.extend_from_slice(&self.sci.to_be_bytes());
+        out.extend_from_slice(&self.incarnation.to_be_bytes());
+        out.extend_from_slice(&self.echo.to_be_bytes());
         out.extend_from_slice(nonce);
         out.extend_from_slice(s);
         let tag = signer.map_or([0u8; TAG_LEN], |sg| sg.tag(&out));
@@ -396,8 +429,12 @@ impl Message {
         let kn = u32::from_be_bytes(p[16..20].try_into().expect("4 bytes"));
         let key_id = KeyId(p[20..36].try_into().expect("16 bytes"));
         let auth_id = KeyId(p[36..52].try_into().expect("16 bytes"));
-        let nonce = &p[52..52 + usize::from(nlen)];
-        let sender_b = &p[52 + usize::from(nlen)..52 + usize::from(nlen) + usize::from(slen)];
+        let sci = u64::from_be_bytes(p[52..60].try_into().expect("8 bytes"));
+        let incarnation = u64::from_be_bytes(p[60..68].try_into().expect("8 bytes"));
+        let echo = u64::from_be_bytes(p[68..76].try_into().expect("8 bytes"));
+        let nonce = &p[HEADER_LEN..HEADER_LEN + usize::from(nlen)];
+        let sender_b =
+            &p[HEADER_LEN + usize::from(nlen)..HEADER_LEN + usize::from(nlen) + usize::from(slen)];
         let tag = &p[p.len() - TAG_LEN..];
         if !sender_b.iter().all(|b| b.is_ascii_graphic()) {
             return Err(DecodeError::SenderCharset);
@@ -405,6 +442,21 @@ impl Message {
         let auth = (!auth_id.is_nil()).then_some(auth_id);
         if auth.is_none() && tag.iter().any(|&b| b != 0) {
             return Err(DecodeError::TagWithoutAuth);
+        }
+        if sci == 0 {
+            return Err(DecodeError::MissingField { ty, field: "sci" });
+        }
+        if incarnation == 0 {
+            return Err(DecodeError::MissingField {
+                ty,
+                field: "incarnation",
+            });
+        }
+        match (echo_rule(ty), echo) {
+            (Echo::Zero, 0) | (Echo::Any, _) => {}
+            (Echo::Required, e) if e != 0 => {}
+            (Echo::Required, _) => return Err(DecodeError::MissingField { ty, field: "echo" }),
+            (Echo::Zero, _) => return Err(DecodeError::UnexpectedField { ty, field: "echo" }),
         }
         let role = || KeyRole::from_u8(role_b).ok_or(DecodeError::Role { ty, value: role_b });
         let need_key = || {
@@ -527,10 +579,38 @@ impl Message {
             seq,
             // Checked printable ASCII above, so this cannot fail.
             sender: String::from_utf8_lossy(sender_b).into_owned(),
+            sci,
+            incarnation,
+            echo,
             auth,
             body,
         })
     }
+}
+
+/// What a message type's echo field must hold.
+enum Echo {
+    /// ANNOUNCE: it starts an exchange and answers nothing.
+    Zero,
+    /// INSTALL, ACK, NACK: bound to the incarnation of the peer they answer or address, so that
+    /// nothing recorded from an earlier life of either agent is accepted by the current one.
+    Required,
+    /// HELLO: the peer incarnation the sender knows, or zero; informative only.
+    Any,
+}
+
+fn echo_rule(ty: MsgType) -> Echo {
+    match ty {
+        MsgType::Announce => Echo::Zero,
+        MsgType::Install | MsgType::Ack | MsgType::Nack => Echo::Required,
+        MsgType::Hello => Echo::Any,
+    }
+}
+
+/// The MAC address part of an SCI (its upper 48 bits).
+pub fn sci_mac(sci: u64) -> [u8; 6] {
+    let b = sci.to_be_bytes();
+    [b[0], b[1], b[2], b[3], b[4], b[5]]
 }
 
 /// The bytes a tag covers: everything but the trailing tag. Only for payloads that decoded.

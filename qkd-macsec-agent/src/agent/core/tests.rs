@@ -10,6 +10,25 @@ use crate::config::Config;
 const A_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xA];
 const B_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xB];
 
+/// The SCI the kernel gives a MACsec link on `mac` (port 1).
+fn sci_of(mac: [u8; 6]) -> u64 {
+    let mut b = [0u8; 8];
+    b[..6].copy_from_slice(&mac);
+    b[7] = 1;
+    u64::from_be_bytes(b)
+}
+
+/// A start of the gateway at `mac`; `seq` also serves as its incarnation, so every start in a
+/// test gets its own.
+fn start(mac: [u8; 6], seq: u64) -> Start {
+    Start {
+        initial_seq: seq,
+        incarnation: seq,
+        local_sci: sci_of(mac),
+        used_keys: Vec::new(),
+    }
+}
+
 fn link_toml(profile: &str, cipher: &str, extra: &str) -> String {
     format!(
         r#"
@@ -58,6 +77,10 @@ struct Kernel {
     stall: bool,
     /// Every TX key ever switched to, in order.
     tx_history: Vec<Vec<u8>>,
+    /// Every RX key ever installed, in order.
+    rx_history: Vec<Vec<u8>>,
+    /// What the IO layer's ledger holds: the key_ID of every PrepareRx (see `agent::ledger`).
+    ledger: Vec<KeyId>,
     watched: HashSet<u8>,
     /// Simulated traffic: PN of the TX SA on the encoding AN.
     pn: u64,
@@ -88,6 +111,15 @@ struct World {
     drop_b_after_install: bool,
     /// Every PrepareRx: who, AN, when.
     prepared: Vec<(char, u8, Instant)>,
+    /// A KME that serves keys again: `dec_keys` hands out any key_ID ever issued, any number
+    /// of times (`ever`).
+    kme_reserves: bool,
+    ever: HashMap<KeyId, Vec<u8>>,
+    /// Every payload sent on the wire, by sender (an attacker's recording).
+    recorded: Vec<(char, Vec<u8>)>,
+    /// Everything the master sends to the slave is lost after its next INSTALL.
+    drop_a_after_install: bool,
+    drop_a_to_b: bool,
 }
 
 fn counter_nonce() -> NonceSource {
@@ -108,8 +140,8 @@ impl World {
     fn with(profile: &str, cipher: &str, extra: &str) -> Self {
         let (la, lb) = links(profile, cipher, extra);
         let now = Instant::now();
-        let a = LinkCore::new(&la, 1_000, counter_nonce(), now);
-        let b = LinkCore::new(&lb, 5_000, counter_nonce(), now);
+        let a = LinkCore::new(&la, start(A_MAC, 1_000), counter_nonce(), now);
+        let b = LinkCore::new(&lb, start(B_MAC, 5_000), counter_nonce(), now);
         assert_eq!(a.role(), Role::Master);
         assert_eq!(b.role(), Role::Slave);
         Self {
@@ -130,6 +162,11 @@ impl World {
             drop_b_to_a: false,
             drop_b_after_install: false,
             prepared: Vec::new(),
+            kme_reserves: false,
+            ever: HashMap::new(),
+            recorded: Vec::new(),
+            drop_a_after_install: false,
+            drop_a_to_b: false,
         }
     }
 
@@ -171,6 +208,7 @@ impl World {
                         .map(|i| (id as u8).wrapping_mul(31) ^ i as u8)
                         .collect();
                     self.kme.insert(KeyId(kid), key.clone());
+                    self.ever.insert(KeyId(kid), key.clone());
                     self.issued.push(key.clone());
                     core.handle_enc_key(
                         Ok(FetchedKey {
@@ -188,6 +226,12 @@ impl World {
                 // ETSI 014 KMEs hand a key out once.
                 let r = if !self.kme_up {
                     Err(NackReason::KmeUnavailable)
+                } else if self.kme_reserves {
+                    self.ever
+                        .get(&key_id)
+                        .cloned()
+                        .map(SecretBytes::new)
+                        .ok_or(NackReason::KeyGone)
                 } else {
                     self.kme
                         .remove(&key_id)
@@ -204,7 +248,14 @@ impl World {
                 {
                     self.drop_b_to_a = true;
                 }
-                if self.wire_up && !(who == 'b' && self.drop_b_to_a) {
+                let install = crate::keyx::wire::Message::decode(&p)
+                    .is_ok_and(|m| matches!(m.body, crate::keyx::wire::Body::Install { .. }));
+                self.recorded.push((who, p.clone()));
+                let a_lost = who == 'a' && self.drop_a_to_b;
+                if who == 'a' && install && self.drop_a_after_install {
+                    self.drop_a_to_b = true;
+                }
+                if self.wire_up && !(who == 'b' && self.drop_b_to_a) && !a_lost {
                     if who == 'b' && !self.delay_b_to_a.is_zero() {
                         self.in_flight.push((now + self.delay_b_to_a, p));
                     } else {
@@ -219,6 +270,8 @@ impl World {
                     "RX SC of the peer"
                 );
                 k.rx.insert(an, sak.key.expose().to_vec());
+                k.rx_history.push(sak.key.expose().to_vec());
+                k.ledger.push(sak.key_ref.key_id);
                 self.prepared.push((who, an, now));
                 core.handle_rx_prepared(an, Ok(()), now);
             }
@@ -338,6 +391,13 @@ fn assert_never_reused(k: &Kernel) {
     let mut seen = HashSet::new();
     for key in &k.tx_history {
         assert!(seen.insert(key.clone()), "a TX key was used twice");
+    }
+    let mut seen = HashSet::new();
+    for key in &k.rx_history {
+        assert!(
+            seen.insert(key.clone()),
+            "an RX SA was installed twice with one key"
+        );
     }
 }
 
@@ -512,7 +572,7 @@ fn restart_of_the_slave_rebootstraps() {
     assert!(w.in_sync());
     // The slave agent restarts: new core, same kernel state (adopted).
     let (_, lb) = links("sak", "gcm-aes-256", "");
-    w.b = LinkCore::new(&lb, 9_000, counter_nonce(), w.now);
+    w.b = LinkCore::new(&lb, start(B_MAC, 9_000), counter_nonce(), w.now);
     w.settle();
     // Without a record (see restart_with_a_record_*) the new slave cannot vouch for the running
     // SA's age, so it stalls its side.
@@ -557,10 +617,10 @@ fn restart_with_record(profile: &str, who: char) {
     let before = w.ka.tx_history.len();
     if who == 'a' {
         let adopt = adoption_of(&w.a, &w.ka, w.now);
-        w.a = LinkCore::new_adopted(&la, 9_000, counter_nonce(), adopt, w.now);
+        w.a = LinkCore::new_adopted(&la, start(A_MAC, 9_000), counter_nonce(), adopt, w.now);
     } else {
         let adopt = adoption_of(&w.b, &w.kb, w.now);
-        w.b = LinkCore::new_adopted(&lb, 9_000, counter_nonce(), adopt, w.now);
+        w.b = LinkCore::new_adopted(&lb, start(B_MAC, 9_000), counter_nonce(), adopt, w.now);
     }
     w.settle();
     let restarted = w.now;
@@ -625,7 +685,7 @@ fn adopted_key_lifetime_counts_from_when_it_became_active() {
     let (_, lb) = links("sak", "gcm-aes-256", "");
     let adopt = adoption_of(&w.b, &w.kb, w.now);
     let expires = w.b.active_since().unwrap() + Duration::from_secs(600);
-    w.b = LinkCore::new_adopted(&lb, 9_000, counter_nonce(), adopt, w.now);
+    w.b = LinkCore::new_adopted(&lb, start(B_MAC, 9_000), counter_nonce(), adopt, w.now);
     w.settle();
     assert!(!w.kb.stall, "adopted without a stall");
     while !w.kb.stall && w.now < expires + Duration::from_secs(600) {
@@ -646,7 +706,7 @@ fn an_expired_record_stalls_at_once() {
     let (_, lb) = links("cak", "gcm-aes-256", "");
     let mut adopt = adoption_of(&w.b, &w.kb, w.now);
     adopt.age = Duration::from_secs(601);
-    w.b = LinkCore::new_adopted(&lb, 9_000, counter_nonce(), adopt, w.now);
+    w.b = LinkCore::new_adopted(&lb, start(B_MAC, 9_000), counter_nonce(), adopt, w.now);
     w.settle();
     assert!(w.kb.stall, "a key past its lifetime is never adopted");
     assert!(w.b.is_stalled());
@@ -668,6 +728,9 @@ fn forged_hellos_claiming_the_slave_lost_its_keys_never_stall_the_link() {
             let forged = Message {
                 seq: 1_000_000 + i,
                 sender: "SAE_B".into(),
+                sci: sci_of(B_MAC),
+                incarnation: 77,
+                echo: 0,
                 auth: None,
                 body: Body::Hello {
                     active: None,
@@ -847,15 +910,20 @@ fn a_master_restarted_without_a_record_starts_after_the_kernels_an() {
             let old = w.ka.encoding.expect("the master transmits");
             let slave_on = w.kb.encoding.expect("the slave transmits");
             seen.insert(old);
-            // What run.rs does without a record: every SA goes, the SecY's encoding AN stays.
+            // What run.rs does without a record: every SA goes, the SecY's encoding AN stays
+            // (and the ledger, which is no kernel state, too).
             w.ka = Kernel {
                 encoding: Some(old),
+                ledger: std::mem::take(&mut w.ka.ledger),
                 ..Kernel::default()
             };
             let prepared = w.prepared.len();
             w.a = LinkCore::new_with_first_an(
                 &la,
-                10_000 * (i + 1),
+                Start {
+                    used_keys: w.ka.ledger.clone(),
+                    ..start(A_MAC, 10_000 * (i + 1))
+                },
                 counter_nonce(),
                 (old + 1) % 4,
                 w.now,
@@ -881,4 +949,162 @@ fn a_master_restarted_without_a_record_starts_after_the_kernels_an() {
         assert_eq!(seen.len(), 4, "{profile}: every AN was the old one once");
         assert_never_reused(&w.ka);
     }
+}
+
+// ---- Issue 17 ----
+
+/// Item 2 end to end in the cores: an attacker records the whole link; one side restarts
+/// (new incarnation, its ledger loaded, the kernel state kept); the KMEs now serve every key
+/// again (`dec_keys` any number of times, and `enc_keys` hands out the old key_IDs with the old
+/// bytes once more); the attacker replays everything it recorded from the other side. No key may
+/// ever be installed a second time, on either side, in either direction.
+fn restart_and_replay_with_a_reserving_kme(profile: &str, who: char) {
+    let mut w = World::new(profile, "gcm-aes-256");
+    w.rate = 100;
+    w.run_for(Duration::from_secs(1200));
+    assert!(w.in_sync());
+    let (la, lb) = links(profile, "gcm-aes-256", "");
+    w.kme_reserves = true;
+    if who == 'a' {
+        let used = w.ka.ledger.clone();
+        w.a = LinkCore::new(
+            &la,
+            Start {
+                used_keys: used,
+                ..start(A_MAC, 9_000)
+            },
+            counter_nonce(),
+            w.now,
+        );
+        // The master's KME starts again from the first key_ID, with the same bytes.
+        w.next_key = 1;
+    } else {
+        let used = w.kb.ledger.clone();
+        w.b = LinkCore::new(
+            &lb,
+            Start {
+                used_keys: used,
+                ..start(B_MAC, 9_000)
+            },
+            counter_nonce(),
+            w.now,
+        );
+    }
+    w.settle();
+    let from = if who == 'a' { 'b' } else { 'a' };
+    let (src, replay): (_, Vec<Vec<u8>>) = (
+        if from == 'a' { A_MAC } else { B_MAC },
+        w.recorded
+            .iter()
+            .filter(|(s, _)| *s == from)
+            .map(|(_, p)| p.clone())
+            .collect(),
+    );
+    for p in replay {
+        let now = w.now;
+        if who == 'a' {
+            w.a.handle_tlv(&p, src, now);
+        } else {
+            w.b.handle_tlv(&p, src, now);
+        }
+        w.settle();
+        w.run_for(Duration::from_millis(20));
+    }
+    w.run_for(Duration::from_secs(1200));
+    assert_never_reused(&w.ka);
+    assert_never_reused(&w.kb);
+    assert!(
+        w.in_sync(),
+        "{profile}/{who}: {:?} / {:?}",
+        w.a.status(w.now),
+        w.b.status(w.now)
+    );
+}
+
+#[test]
+fn restart_and_replay_never_reuse_a_key_slave_sak() {
+    restart_and_replay_with_a_reserving_kme("sak", 'b');
+}
+
+#[test]
+fn restart_and_replay_never_reuse_a_key_slave_cak() {
+    restart_and_replay_with_a_reserving_kme("cak", 'b');
+}
+
+#[test]
+fn restart_and_replay_never_reuse_a_key_master_sak() {
+    restart_and_replay_with_a_reserving_kme("sak", 'a');
+}
+
+#[test]
+fn restart_and_replay_never_reuse_a_key_master_cak() {
+    restart_and_replay_with_a_reserving_kme("cak", 'a');
+}
+
+/// Item 3: a genuine TLV of the slave forwarded under another source address (an on-path
+/// attacker) or under the master's own address must not move the master's idea of where the
+/// peer is (its RX SC, its RetireRx, the rate-limit bucket).
+#[test]
+fn a_forwarded_tlv_under_another_address_never_moves_the_peer() {
+    let mut w = World::new("sak", "gcm-aes-256");
+    w.run_for(Duration::from_secs(10));
+    assert!(w.in_sync());
+    let from_b: Vec<Vec<u8>> = w
+        .recorded
+        .iter()
+        .filter(|(s, _)| *s == 'b')
+        .map(|(_, p)| p.clone())
+        .collect();
+    // Fresh copies (new sequence numbers) of the slave's HELLOs, forwarded by eve.
+    w.run_for(Duration::from_secs(10));
+    let fresh: Vec<Vec<u8>> = w
+        .recorded
+        .iter()
+        .filter(|(s, _)| *s == 'b')
+        .map(|(_, p)| p.clone())
+        .filter(|p| !from_b.contains(p))
+        .collect();
+    assert!(!fresh.is_empty());
+    for (i, p) in fresh.iter().enumerate() {
+        let mac = if i % 2 == 0 {
+            [2, 0, 0, 0, 0, 0xee]
+        } else {
+            A_MAC
+        };
+        let now = w.now;
+        w.a.handle_tlv(p, mac, now);
+        w.settle();
+        assert_eq!(w.a.peer_mac(), Some(B_MAC), "the peer moved to {mac:?}");
+    }
+    w.run_for(Duration::from_secs(1000));
+    assert!(w.in_sync());
+}
+
+/// Item 5: the old RX SA's give-up time counts from the old key's activation. The slave never
+/// hears that the master switched (the master's LLDP is lost from its INSTALL on), so nothing
+/// but the old key's lifetime retires the master's old SA; before the fix it stayed for
+/// (1 + rollover_at) x max_age.
+#[test]
+fn the_old_rx_sa_goes_when_the_old_key_expires() {
+    let mut w = World::new("sak", "gcm-aes-256");
+    w.rate = 100;
+    w.run_for(Duration::from_secs(10));
+    assert!(w.in_sync());
+    let old_since = w.b.active_since().unwrap();
+    let old_an = w.kb.encoding.unwrap();
+    let old_key = w.ka.tx[&old_an].0.clone();
+    w.drop_a_after_install = true;
+    let rolled = w.kb.tx_history.len();
+    while w.kb.tx_history.len() == rolled {
+        w.run_for(Duration::from_millis(100));
+    }
+    assert!(w.drop_a_to_b);
+    let expiry = old_since + Duration::from_secs(600);
+    w.run_until(expiry + Duration::from_millis(1100));
+    assert_ne!(
+        w.kb.rx.get(&old_an),
+        Some(&old_key),
+        "the slave still accepts the master's old key {:?} after its lifetime",
+        w.now - expiry
+    );
 }

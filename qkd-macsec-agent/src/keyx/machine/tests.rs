@@ -5,10 +5,29 @@ use crate::keyx::wire::MsgType;
 
 const MS: Duration = Duration::from_millis(1);
 
+/// The master's and the slave's SCI (lower interface MAC, port 1) and incarnations.
+const A_SCI: u64 = 0x0200_0000_000a_0001;
+const B_SCI: u64 = 0x0200_0000_000b_0001;
+const A_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x0a];
+const B_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x0b];
+const M_INC: u64 = 0x1111_0000_0000_0001;
+const S_INC: u64 = 0x2222_0000_0000_0001;
+
 fn cfg(role: Role) -> KeyxConfig {
-    let (local, peer) = match role {
-        Role::Master => ("SAE_A", "SAE_B"),
-        Role::Slave => ("SAE_B", "SAE_A"),
+    cfg_inc(
+        role,
+        match role {
+            Role::Master => M_INC,
+            Role::Slave => S_INC,
+        },
+    )
+}
+
+/// The config of a new life of an agent (a restart draws a new incarnation).
+fn cfg_inc(role: Role, incarnation: u64) -> KeyxConfig {
+    let (local, peer, sci) = match role {
+        Role::Master => ("SAE_A", "SAE_B", A_SCI),
+        Role::Slave => ("SAE_B", "SAE_A", B_SCI),
     };
     KeyxConfig {
         role,
@@ -20,7 +39,14 @@ fn cfg(role: Role) -> KeyxConfig {
         availability_window: Duration::from_secs(10),
         max_rx_per_sec: 20,
         initial_seq: 1000,
+        incarnation,
+        local_sci: sci,
     }
+}
+
+/// The source address a frame carrying `p` has on an honest wire: its sender's SCI's MAC.
+fn src(p: &[u8]) -> [u8; 6] {
+    Message::decode(p).map_or([0; 6], |m| super::sci_mac(m.sci))
 }
 
 fn kid(n: u8) -> KeyId {
@@ -47,7 +73,7 @@ fn types(ps: &[Vec<u8>]) -> Vec<MsgType> {
 
 fn deliver(ps: Vec<Vec<u8>>, to: &mut Keyx, now: Instant) {
     for p in ps {
-        let _ = to.handle_payload(&p, now);
+        let _ = to.handle_payload(&p, src(&p), now);
     }
 }
 
@@ -148,7 +174,9 @@ fn bootstrap_delivery_and_install() {
             key: key(1)
         }]
     );
-    assert_eq!((m.anchor(), s.anchor()), (Some(kid(1)), Some(kid(1))));
+    // The master's anchor moves on the slave's proof of possession; the slave's only on the
+    // master's (its first message tagged with the key), never on its own fetch.
+    assert_eq!((m.anchor(), s.anchor()), (Some(kid(1)), None));
     // Nothing left to retransmit.
     assert_eq!(
         m.poll_timeout(),
@@ -160,6 +188,8 @@ fn bootstrap_delivery_and_install() {
     m.install(kid(1), KeyRole::Sak, 1, 1, None, t).unwrap();
     let i = out(&mut m);
     assert_eq!(Message::decode(&i[0]).unwrap().auth, Some(kid(1)));
+    // Bound to the slave incarnation whose ACK confirmed the key.
+    assert_eq!(Message::decode(&i[0]).unwrap().echo, S_INC);
     deliver(i, &mut s, t);
     assert_eq!(
         events(&mut s),
@@ -181,10 +211,13 @@ fn bootstrap_delivery_and_install() {
             an: 1
         }]
     );
-    // Later announces are authenticated under the anchor.
+    // Later announces are authenticated under the anchor, which the slave then takes up.
     m.announce(kid(2), KeyRole::Sak, 2, key(2), t, None, t)
         .unwrap();
-    assert_eq!(Message::decode(&out(&mut m)[0]).unwrap().auth, Some(kid(1)));
+    let a2 = out(&mut m);
+    assert_eq!(Message::decode(&a2[0]).unwrap().auth, Some(kid(1)));
+    deliver(a2, &mut s, t);
+    assert_eq!(s.anchor(), Some(kid(1)));
 }
 
 #[test]
@@ -296,20 +329,73 @@ fn lost_first_announce_is_recovered_by_retransmission_with_a_new_sequence_number
 fn key_gone_makes_the_master_drop_the_key() {
     let t = Instant::now();
     let (mut m, mut s) = pair(t);
-    m.announce(kid(1), KeyRole::Sak, 1, key(1), t, None, t)
+    deliver_key(&mut m, &mut s, 1, t);
+    m.announce(kid(2), KeyRole::Sak, 2, key(2), t, None, t)
         .unwrap();
     deliver(out(&mut m), &mut s, t);
     slave_fetches(&mut s, |_| Err(NackReason::KeyGone));
-    deliver(out(&mut s), &mut m, t);
+    let nack = out(&mut s);
+    // Authenticated under the anchor the master's ANNOUNCE proved.
+    assert_eq!(Message::decode(&nack[0]).unwrap().auth, Some(kid(1)));
+    deliver(nack, &mut m, t);
     assert_eq!(
         events(&mut m),
         vec![Event::KeyLost {
-            key_id: kid(1),
+            key_id: kid(2),
             reason: LostReason::Refused(NackReason::KeyGone)
         }]
     );
     // The master re-issues with a new key, which works.
-    deliver_key(&mut m, &mut s, 2, t);
+    deliver_key(&mut m, &mut s, 3, t);
+}
+
+/// Issue 17 item 5: before anything is shared the slave's refusals are unauthenticated, and
+/// anyone can send one. Acting on it let an attacker who raced a NACK ahead of every ACK stop
+/// the link from ever keying; now the refusal changes nothing and the genuine ACK wins.
+#[test]
+fn a_forged_nack_raced_ahead_of_the_ack_does_not_stop_bootstrap() {
+    let t = Instant::now();
+    let (mut m, mut s) = pair(t);
+    m.announce(kid(1), KeyRole::Sak, 1, key(1), t, None, t)
+        .unwrap();
+    deliver(out(&mut m), &mut s, t);
+    let forged = Message {
+        seq: 1,
+        sender: "SAE_B".into(),
+        sci: B_SCI,
+        incarnation: S_INC,
+        echo: M_INC,
+        auth: None,
+        body: Body::Nack {
+            key_id: kid(1),
+            role: KeyRole::Sak,
+            kn: 1,
+            reason: NackReason::KeyGone,
+        },
+    };
+    let _ = m.handle_payload(&forged.encode(None).unwrap(), B_MAC, t);
+    assert!(events(&mut m).is_empty(), "no KeyLost on a forged word");
+    assert_eq!(m.stats().unauthenticated_ignored, 1);
+    slave_fetches(&mut s, |_| Ok(key(1)));
+    deliver(out(&mut s), &mut m, t);
+    assert!(matches!(
+        events(&mut m).as_slice(),
+        [Event::KeyConfirmed { .. }]
+    ));
+    // A genuine "key gone" before anything is shared is unauthenticated too: the master keeps
+    // announcing until the availability window closes, then fetches another key.
+    let (mut m, mut s) = pair(t);
+    m.announce(kid(2), KeyRole::Sak, 2, key(2), t, None, t)
+        .unwrap();
+    deliver(out(&mut m), &mut s, t);
+    slave_fetches(&mut s, |_| Err(NackReason::KeyGone));
+    deliver(out(&mut s), &mut m, t);
+    assert!(events(&mut m).is_empty());
+    m.handle_timeout(t + Duration::from_secs(10));
+    assert!(events(&mut m).contains(&Event::KeyLost {
+        key_id: kid(2),
+        reason: LostReason::Timeout
+    }));
 }
 
 #[test]
@@ -345,7 +431,7 @@ fn forged_and_tampered_installs_do_nothing() {
     for i in 0..genuine.len() {
         let mut p = genuine.clone();
         p[i] ^= 0x80;
-        let _ = s.handle_payload(&p, t);
+        let _ = s.handle_payload(&p, A_MAC, t);
     }
     assert!(events(&mut s).is_empty());
     assert!(s.stats().bad_tag + s.stats().malformed > 0);
@@ -354,6 +440,9 @@ fn forged_and_tampered_installs_do_nothing() {
     let forged = Message {
         seq: 5,
         sender: "SAE_A".into(),
+        sci: A_SCI,
+        incarnation: M_INC,
+        echo: S_INC,
         auth: None,
         body: Body::Install {
             key_id: kid(1),
@@ -363,14 +452,14 @@ fn forged_and_tampered_installs_do_nothing() {
             nonce: None,
         },
     };
-    let _ = s.handle_payload(&forged.encode(None).unwrap(), t);
+    let _ = s.handle_payload(&forged.encode(None).unwrap(), A_MAC, t);
     // One tagged under a key the attacker invented: not known, treated as unauthenticated.
     let fake = Ick::derive(&key(66), kid(66), "SAE_A", "SAE_B").unwrap();
     let forged2 = Message {
         auth: Some(kid(66)),
         ..forged.clone()
     };
-    let _ = s.handle_payload(&forged2.encode(Some(&fake)).unwrap(), t);
+    let _ = s.handle_payload(&forged2.encode(Some(&fake)).unwrap(), A_MAC, t);
     // One tagged under a different *known* key (the slave holds key 2 too): not proof of key 1.
     deliver_key(&mut m, &mut s, 2, t);
     let other = Message {
@@ -378,11 +467,11 @@ fn forged_and_tampered_installs_do_nothing() {
         ..forged
     };
     let ick2 = Ick::derive(&key(2), kid(2), "SAE_A", "SAE_B").unwrap();
-    let _ = s.handle_payload(&other.encode(Some(&ick2)).unwrap(), t);
+    let _ = s.handle_payload(&other.encode(Some(&ick2)).unwrap(), A_MAC, t);
     assert!(events(&mut s).is_empty());
 
     // The genuine one still works.
-    let _ = s.handle_payload(&genuine, t);
+    let _ = s.handle_payload(&genuine, A_MAC, t);
     assert!(matches!(
         events(&mut s).as_slice(),
         [Event::InstallRequested { an: 2, .. }]
@@ -419,6 +508,9 @@ fn replayed_install_is_dropped_and_retired_keys_are_refused() {
     let again = Message {
         seq: u64::MAX / 2,
         sender: "SAE_A".into(),
+        sci: A_SCI,
+        incarnation: M_INC,
+        echo: S_INC,
         auth: Some(kid(1)),
         body: Body::Install {
             key_id: kid(1),
@@ -428,7 +520,7 @@ fn replayed_install_is_dropped_and_retired_keys_are_refused() {
             nonce: None,
         },
     };
-    let _ = s.handle_payload(&again.encode(Some(&ick1)).unwrap(), t);
+    let _ = s.handle_payload(&again.encode(Some(&ick1)).unwrap(), A_MAC, t);
     assert!(events(&mut s).is_empty());
     let nack = out(&mut s);
     assert!(matches!(
@@ -442,6 +534,9 @@ fn replayed_install_is_dropped_and_retired_keys_are_refused() {
     let ann = Message {
         seq: 1,
         sender: "SAE_A".into(),
+        sci: A_SCI,
+        incarnation: M_INC,
+        echo: 0,
         auth: None,
         body: Body::Announce {
             key_id: kid(1),
@@ -449,7 +544,11 @@ fn replayed_install_is_dropped_and_retired_keys_are_refused() {
             kn: 1,
         },
     };
-    let _ = s.handle_payload(&ann.encode(None).unwrap(), t + Duration::from_secs(1));
+    let _ = s.handle_payload(
+        &ann.encode(None).unwrap(),
+        A_MAC,
+        t + Duration::from_secs(1),
+    );
     assert!(events(&mut s).is_empty());
 }
 
@@ -524,7 +623,7 @@ fn install_of_unknown_key_is_nacked() {
     let (mut m, mut s) = pair(t);
     deliver_key(&mut m, &mut s, 1, t);
     // The slave restarts and loses everything.
-    let mut s2 = Keyx::new(cfg(Role::Slave), t);
+    let mut s2 = Keyx::new(cfg_inc(Role::Slave, S_INC + 1), t);
     m.install(kid(1), KeyRole::Sak, 1, 1, None, t).unwrap();
     deliver(out(&mut m), &mut s2, t);
     assert!(events(&mut s2).is_empty());
@@ -536,7 +635,9 @@ fn install_of_unknown_key_is_nacked() {
     // The restarted slave still processes the master's anchor-tagged ANNOUNCE (unknown key
     // to it, so treated as unauthenticated), and the link re-bootstraps.
     deliver_key(&mut m, &mut s2, 3, t);
-    assert_eq!(s2.anchor(), Some(kid(3)));
+    m.handle_timeout(t + Duration::from_secs(5));
+    deliver(out(&mut m), &mut s2, t + Duration::from_secs(5));
+    assert_eq!(s2.anchor(), Some(kid(3)), "the master's HELLO under key 3");
     let _ = s;
 }
 
@@ -551,6 +652,9 @@ fn unauthenticated_nack_is_ignored_once_a_secret_is_shared() {
     let forged = Message {
         seq: 1,
         sender: "SAE_B".into(),
+        sci: B_SCI,
+        incarnation: S_INC,
+        echo: M_INC,
         auth: None,
         body: Body::Nack {
             key_id: kid(2),
@@ -559,7 +663,7 @@ fn unauthenticated_nack_is_ignored_once_a_secret_is_shared() {
             reason: NackReason::KeyGone,
         },
     };
-    let _ = m.handle_payload(&forged.encode(None).unwrap(), t);
+    let _ = m.handle_payload(&forged.encode(None).unwrap(), B_MAC, t);
     assert!(
         events(&mut m).is_empty(),
         "the pending key survives a forged refusal"
@@ -573,6 +677,9 @@ fn wrong_sender_and_role_confusion_are_dropped() {
     let ann = Message {
         seq: 1,
         sender: "SAE_X".into(),
+        sci: A_SCI,
+        incarnation: M_INC,
+        echo: 0,
         auth: None,
         body: Body::Announce {
             key_id: kid(1),
@@ -580,14 +687,15 @@ fn wrong_sender_and_role_confusion_are_dropped() {
             kn: 1,
         },
     };
-    let _ = s.handle_payload(&ann.encode(None).unwrap(), t);
+    let _ = s.handle_payload(&ann.encode(None).unwrap(), A_MAC, t);
     assert_eq!(s.stats().wrong_sender, 1);
     // The master does not act on ANNOUNCE (reflection of its own message with the peer's name).
     let refl = Message {
         sender: "SAE_B".into(),
+        sci: B_SCI,
         ..ann
     };
-    let _ = m.handle_payload(&refl.encode(None).unwrap(), t);
+    let _ = m.handle_payload(&refl.encode(None).unwrap(), B_MAC, t);
     assert_eq!(m.stats().unexpected, 1);
     assert!(events(&mut m).is_empty() && events(&mut s).is_empty());
     assert_eq!(
@@ -632,6 +740,9 @@ fn flood_is_rate_limited_but_genuine_messages_get_through() {
         let p = Message {
             seq: u64::from(i),
             sender: "SAE_A".into(),
+            sci: A_SCI,
+            incarnation: M_INC,
+            echo: 0,
             auth: None,
             body: Body::Announce {
                 key_id: KeyId(id),
@@ -639,7 +750,7 @@ fn flood_is_rate_limited_but_genuine_messages_get_through() {
                 kn: i,
             },
         };
-        let _ = s.handle_payload(&p.encode(None).unwrap(), t + MS * i);
+        let _ = s.handle_payload(&p.encode(None).unwrap(), A_MAC, t + MS * i);
     }
     let fetches = events(&mut s)
         .into_iter()
@@ -709,6 +820,10 @@ fn hello_carries_status_and_is_periodic() {
         kn: 1,
         an: 2,
     };
+    // The slave tags its HELLO with the anchor the master's own HELLO proved.
+    m.handle_timeout(t + Duration::from_secs(5));
+    deliver(out(&mut m), &mut s, t);
+    events(&mut s);
     s.set_status(Some(active.clone()), 300);
     assert_eq!(s.poll_timeout(), Some(t + Duration::from_secs(5)));
     s.handle_timeout(t + Duration::from_secs(5));
@@ -776,7 +891,7 @@ proptest! {
                     Fate::Delay => { delayed.push((to_slave, p)); continue; }
                 };
                 for _ in 0..copies {
-                    if to_slave { let _ = s.handle_payload(&p, now); } else { let _ = m.handle_payload(&p, now); }
+                    if to_slave { let _ = s.handle_payload(&p, src(&p), now); } else { let _ = m.handle_payload(&p, src(&p), now); }
                 }
             }
             for e in events(&mut s) {
@@ -813,4 +928,182 @@ proptest! {
         prop_assert_eq!(installs, 1, "the slave installed exactly once");
         prop_assert_eq!(confirmed.unwrap(), received.unwrap());
     }
+}
+
+// ---- Issue 17: restarts, replays and where the peer is ----
+
+/// Item 2: an attacker records the link. The slave restarts (new incarnation, nothing in
+/// memory), the attacker replays the recorded ANNOUNCE, the slave's KME serves the key again
+/// (independent KMEs do), and then the attacker replays the recorded INSTALL, which verifies
+/// under the re-fetched key and is fresh to the new replay window. Before the fix the slave
+/// installed the key a second time, from PN 1: AES-GCM nonce reuse. The INSTALL is bound to the
+/// slave incarnation that confirmed the key, so the new life refuses it.
+#[test]
+fn a_restarted_slave_never_installs_an_install_replayed_from_its_earlier_life() {
+    let t = Instant::now();
+    let (mut m, mut s) = pair(t);
+    m.announce(kid(1), KeyRole::Sak, 1, key(1), t, None, t)
+        .unwrap();
+    let recorded_announce = out(&mut m);
+    deliver(recorded_announce.clone(), &mut s, t);
+    slave_fetches(&mut s, |_| Ok(key(1)));
+    deliver(out(&mut s), &mut m, t);
+    events(&mut m);
+    m.install(kid(1), KeyRole::Sak, 1, 1, None, t).unwrap();
+    let recorded_install = out(&mut m);
+    deliver(recorded_install.clone(), &mut s, t);
+    assert!(matches!(
+        events(&mut s).as_slice(),
+        [Event::InstallRequested { .. }]
+    ));
+
+    // The slave restarts.
+    let t2 = t + Duration::from_secs(30);
+    let mut s2 = Keyx::new(cfg_inc(Role::Slave, S_INC + 7), t2);
+    deliver(recorded_announce, &mut s2, t2);
+    let ev = slave_fetches(&mut s2, |_| Ok(key(1)));
+    assert!(
+        matches!(ev.as_slice(), [Event::KeyReceived { .. }]),
+        "the KME served the key again: {ev:?}"
+    );
+    out(&mut s2);
+    deliver(recorded_install, &mut s2, t2);
+    let ev = events(&mut s2);
+    assert!(ev.is_empty(), "a replayed INSTALL was acted on: {ev:?}");
+    assert_eq!(s2.stats().stale, 1);
+    // The answer is a refusal (bound to the recorded master incarnation, so the live master
+    // ignores it unless it really sent that INSTALL).
+    let nack = out(&mut s2);
+    assert!(matches!(
+        Message::decode(&nack[0]).unwrap().body,
+        Body::Nack {
+            reason: NackReason::UnknownKey,
+            ..
+        }
+    ));
+}
+
+/// Item 2, the master's side: a restarted master whose KME hands out a key_ID again must not
+/// take replayed ACKs of its earlier life as the slave's confirmation or installation.
+#[test]
+fn a_restarted_master_ignores_answers_replayed_from_its_earlier_life() {
+    let t = Instant::now();
+    let (mut m, mut s) = pair(t);
+    m.announce(kid(1), KeyRole::Sak, 1, key(1), t, None, t)
+        .unwrap();
+    deliver(out(&mut m), &mut s, t);
+    slave_fetches(&mut s, |_| Ok(key(1)));
+    let recorded_ack = out(&mut s);
+    deliver(recorded_ack.clone(), &mut m, t);
+    events(&mut m);
+    m.install(kid(1), KeyRole::Sak, 1, 2, None, t).unwrap();
+    deliver(out(&mut m), &mut s, t);
+    events(&mut s);
+    s.installed(kid(1), KeyRole::Sak, 1, 2, Ok(())).unwrap();
+    let recorded_install_ack = out(&mut s);
+
+    let t2 = t + Duration::from_secs(30);
+    let mut m2 = Keyx::new(cfg_inc(Role::Master, M_INC + 7), t2);
+    m2.announce(kid(1), KeyRole::Sak, 1, key(1), t2, None, t2)
+        .unwrap();
+    out(&mut m2);
+    deliver(recorded_ack, &mut m2, t2);
+    deliver(recorded_install_ack, &mut m2, t2);
+    assert!(events(&mut m2).is_empty(), "a replayed ACK confirmed a key");
+    assert_eq!(m2.stats().stale, 2);
+    assert_eq!(
+        m2.install(kid(1), KeyRole::Sak, 1, 2, None, t2),
+        Err(KeyxError::NotConfirmed(kid(1)))
+    );
+}
+
+/// Item 3: the tag covers the payload, not the Ethernet header. A genuine message forwarded
+/// under another source address (an on-path attacker, or our own address) must not say where
+/// the peer is; the SCI it carries does, and must match the frame.
+#[test]
+fn a_genuine_message_under_another_source_address_locates_nothing() {
+    let t = Instant::now();
+    let (mut m, mut s) = pair(t);
+    deliver_key(&mut m, &mut s, 1, t);
+    m.handle_timeout(t + Duration::from_secs(5));
+    let hello = out(&mut m);
+    let eve = [2, 0, 0, 0, 0, 0xee];
+    assert!(!s.handle_payload(&hello[0], eve, t));
+    assert!(
+        !s.handle_payload(&hello[0], B_MAC, t),
+        "the slave's own address"
+    );
+    assert_eq!(s.stats().wrong_sci, 2);
+    assert_eq!(s.peer_sci(), None);
+    assert!(events(&mut s).is_empty());
+    // The same bytes from the master's address: accepted, and the peer is its SCI.
+    assert!(s.handle_payload(&hello[0], A_MAC, t));
+    assert_eq!(s.peer_sci(), Some(A_SCI));
+}
+
+/// Item 3: two ends with one SCI would share SAK and SCI in both directions. A peer that
+/// claims our SCI (a reflection, or a cloned VM with our MAC) is refused, authenticated or not.
+#[test]
+fn a_peer_with_our_own_sci_is_refused() {
+    let t = Instant::now();
+    let mut m = Keyx::new(cfg(Role::Master), t);
+    let mut clone_cfg = cfg(Role::Slave);
+    clone_cfg.local_sci = A_SCI;
+    let mut s = Keyx::new(clone_cfg, t);
+    m.announce(kid(1), KeyRole::Sak, 1, key(1), t, None, t)
+        .unwrap();
+    for p in out(&mut m) {
+        assert!(!s.handle_payload(&p, A_MAC, t));
+    }
+    assert!(events(&mut s).is_empty(), "no fetch for a clone");
+    s.handle_timeout(t);
+    for p in out(&mut s) {
+        assert!(!m.handle_payload(&p, A_MAC, t));
+    }
+    assert!(s.stats().wrong_sci >= 1 && m.stats().wrong_sci >= 1);
+}
+
+/// Item 5: once the slave shares a key with a live master, an unauthenticated ANNOUNCE is not
+/// acted on (no KME request, no anchor move); a fetched key becomes the anchor only when the
+/// master uses it. After the master has been silent for three HELLO intervals (it restarted
+/// and lost every key), unauthenticated ANNOUNCEs re-bootstrap the link.
+#[test]
+fn unauthenticated_announces_move_nothing_while_the_master_is_live() {
+    let t = Instant::now();
+    let (mut m, mut s) = pair(t);
+    deliver_key(&mut m, &mut s, 1, t);
+    m.handle_timeout(t + Duration::from_secs(5));
+    let t1 = t + Duration::from_secs(5);
+    deliver(out(&mut m), &mut s, t1);
+    events(&mut s);
+    assert_eq!(s.anchor(), Some(kid(1)));
+    let forged = |n: u8, seq: u64| {
+        Message {
+            seq,
+            sender: "SAE_A".into(),
+            sci: A_SCI,
+            incarnation: M_INC + 99,
+            echo: 0,
+            auth: None,
+            body: Body::Announce {
+                key_id: kid(n),
+                role: KeyRole::Sak,
+                kn: 9,
+            },
+        }
+        .encode(None)
+        .unwrap()
+    };
+    let _ = s.handle_payload(&forged(9, 1), A_MAC, t1 + MS);
+    assert!(events(&mut s).is_empty(), "no KME request for it");
+    assert_eq!(s.stats().unauthenticated_ignored, 1);
+    // Three HELLO intervals (15 s here) without an authenticated word from the master.
+    let t2 = t1 + Duration::from_secs(15);
+    let _ = s.handle_payload(&forged(9, 2), A_MAC, t2);
+    let ev = slave_fetches(&mut s, |_| Ok(key(9)));
+    assert!(
+        matches!(ev.as_slice(), [Event::KeyReceived { .. }]),
+        "{ev:?}"
+    );
+    assert_eq!(s.anchor(), Some(kid(1)), "fetching a key moves no anchor");
 }

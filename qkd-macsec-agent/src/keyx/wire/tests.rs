@@ -12,10 +12,25 @@ fn ick(b: u8) -> Ick {
     Ick::derive(&SecretBytes::new(vec![b; 32]), kid(b), "SAE_A", "SAE_B").unwrap()
 }
 
+const SCI: u64 = 0x0200_0000_000a_0001;
+const INC: u64 = 0x0102_0304_0506_0708;
+const ECHO: u64 = 0x1112_1314_1516_1718;
+
+/// The echo a message of this body's type needs (zero only in an ANNOUNCE).
+fn echo_for(b: &Body) -> u64 {
+    match b {
+        Body::Announce { .. } => 0,
+        _ => ECHO,
+    }
+}
+
 fn announce() -> Message {
     Message {
         seq: 7,
         sender: "SAE_A".into(),
+        sci: SCI,
+        incarnation: INC,
+        echo: 0,
         auth: None,
         body: Body::Announce {
             key_id: kid(1),
@@ -26,9 +41,12 @@ fn announce() -> Message {
 }
 
 fn samples() -> Vec<Message> {
-    let base = |body| Message {
+    let base = |body: Body| Message {
         seq: 0x0102_0304_0506_0708,
         sender: "SAE_B".into(),
+        sci: SCI + 1,
+        incarnation: INC,
+        echo: echo_for(&body),
         auth: Some(kid(9)),
         body,
     };
@@ -93,13 +111,16 @@ fn enc(m: &Message) -> Vec<u8> {
 fn layout_of_an_announce_is_as_documented() {
     let p = announce().encode(None).unwrap();
     assert_eq!(p.len(), HEADER_LEN + 5 + TAG_LEN);
-    assert_eq!(&p[..8], &[1, 1, 2, 0xFF, 0, 0, 5, 0]);
+    assert_eq!(&p[..8], &[2, 1, 2, 0xFF, 0, 0, 5, 0]);
     assert_eq!(&p[8..16], &7u64.to_be_bytes());
     assert_eq!(&p[16..20], &3u32.to_be_bytes());
     assert_eq!(&p[20..36], &[1u8; 16]);
     assert_eq!(&p[36..52], &[0u8; 16]);
-    assert_eq!(&p[52..57], b"SAE_A");
-    assert_eq!(&p[57..], &[0u8; 16]);
+    assert_eq!(&p[52..60], &SCI.to_be_bytes());
+    assert_eq!(&p[60..68], &INC.to_be_bytes());
+    assert_eq!(&p[68..76], &[0u8; 8]);
+    assert_eq!(&p[76..81], b"SAE_A");
+    assert_eq!(&p[81..], &[0u8; 16]);
 }
 
 #[test]
@@ -120,6 +141,9 @@ fn largest_message_fits_a_tlv() {
     let m = Message {
         seq: u64::MAX,
         sender: "S".repeat(MAX_SENDER_LEN),
+        sci: u64::MAX,
+        incarnation: u64::MAX,
+        echo: u64::MAX,
         auth: Some(kid(9)),
         body: Body::Install {
             key_id: kid(2),
@@ -152,7 +176,10 @@ fn encode_refuses_inconsistent_messages() {
     assert_eq!(m.encode(None), Err(EncodeError::Sender(3)));
     m.sender = "x".repeat(65);
     assert_eq!(m.encode(None), Err(EncodeError::Sender(65)));
+    // Every later body here needs an echo; an ANNOUNCE must not have one.
     let mut m = announce();
+    m.echo = ECHO;
+    assert_eq!(m.encode(None), Err(EncodeError::Binding("echo")));
     m.body = Body::Install {
         key_id: kid(1),
         role: KeyRole::Sak,
@@ -222,7 +249,8 @@ fn every_malformation_has_its_error() {
             len: MAX_PAYLOAD + 1,
         },
     );
-    expect_err(&a, |p| p[0] = 2, DecodeError::Version(2));
+    expect_err(&a, |p| p[0] = 1, DecodeError::Version(1));
+    expect_err(&a, |p| p[0] = 3, DecodeError::Version(3));
     expect_err(&a, |p| p[0] = 0, DecodeError::Version(0));
     expect_err(&a, |p| p[1] = 0, DecodeError::MsgType(0));
     expect_err(&a, |p| p[1] = 6, DecodeError::MsgType(6));
@@ -295,8 +323,33 @@ fn every_malformation_has_its_error() {
             actual: len,
         },
     );
-    expect_err(&a, |p| p[53] = b' ', DecodeError::SenderCharset);
-    expect_err(&a, |p| p[53] = 0xC3, DecodeError::SenderCharset);
+    expect_err(&a, |p| p[77] = b' ', DecodeError::SenderCharset);
+    expect_err(&a, |p| p[77] = 0xC3, DecodeError::SenderCharset);
+    // The binding fields: an SCI and an incarnation always, an echo never in an ANNOUNCE.
+    expect_err(
+        &a,
+        |p| p[52..60].fill(0),
+        DecodeError::MissingField {
+            ty: MsgType::Announce,
+            field: "sci",
+        },
+    );
+    expect_err(
+        &a,
+        |p| p[60..68].fill(0),
+        DecodeError::MissingField {
+            ty: MsgType::Announce,
+            field: "incarnation",
+        },
+    );
+    expect_err(
+        &a,
+        |p| p[75] = 1,
+        DecodeError::UnexpectedField {
+            ty: MsgType::Announce,
+            field: "echo",
+        },
+    );
     expect_err(
         &a,
         |p| p[20..36].fill(0),
@@ -335,8 +388,18 @@ fn every_malformation_has_its_error() {
             an: 1,
             nonce: None,
         },
+        echo: ECHO,
         ..announce()
     };
+    // An INSTALL is bound to the slave incarnation that confirmed the key.
+    expect_err(
+        &inst_sak,
+        |p| p[68..76].fill(0),
+        DecodeError::MissingField {
+            ty: MsgType::Install,
+            field: "echo",
+        },
+    );
     expect_err(
         &inst_sak,
         |p| p[3] = 4,
@@ -391,6 +454,7 @@ fn every_malformation_has_its_error() {
             kn: 1,
             an: Some(0),
         },
+        echo: ECHO,
         ..announce()
     };
     expect_err(
@@ -434,6 +498,7 @@ fn every_malformation_has_its_error() {
             kn: 1,
             reason: NackReason::Retired,
         },
+        echo: ECHO,
         ..announce()
     };
     expect_err(
@@ -466,6 +531,7 @@ fn every_malformation_has_its_error() {
             active: None,
             held: 3,
         },
+        echo: ECHO,
         ..announce()
     };
     expect_err(
@@ -605,10 +671,13 @@ proptest! {
     fn any_message_round_trips(
         seq in any::<u64>(),
         sender in "[A-Za-z0-9_.~-]{1,64}",
+        sci in 1..u64::MAX,
+        incarnation in 1..u64::MAX,
         authed in prop::bool::ANY,
         body in arb_body(),
     ) {
-        let m = Message { seq, sender, auth: authed.then_some(kid(9)), body };
+        let echo = echo_for(&body);
+        let m = Message { seq, sender, sci, incarnation, echo, auth: authed.then_some(kid(9)), body };
         let p = enc(&m);
         prop_assert!(p.len() <= MAX_PAYLOAD);
         prop_assert_eq!(Message::decode(&p).unwrap(), m.clone());
@@ -627,7 +696,8 @@ proptest! {
         body in arb_body(),
         edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
     ) {
-        let m = Message { seq: 1, sender: "SAE_A".into(), auth: None, body };
+        let echo = echo_for(&body);
+        let m = Message { seq: 1, sender: "SAE_A".into(), sci: SCI, incarnation: INC, echo, auth: None, body };
         let mut p = m.encode(None).unwrap();
         for (i, v) in edits {
             let at = i.index(p.len());
@@ -647,4 +717,19 @@ proptest! {
             prop_assert_eq!(d.encode(signer).unwrap(), p);
         }
     }
+}
+
+/// The fuzzer's seeds (fuzz/seeds/keyx_wire) must be messages of the current version, or the
+/// fuzzer starts from payloads the decoder rejects at the first byte.
+#[test]
+fn fuzz_seeds_decode_as_current_messages() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/keyx_wire");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        let body = std::fs::read(&p).unwrap();
+        Message::decode(&body).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        n += 1;
+    }
+    assert!(n >= 8, "{n} seeds in {}", dir.display());
 }
