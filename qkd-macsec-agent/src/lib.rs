@@ -10,6 +10,8 @@
 //! - [`keyx`], [`watchdog`], [`profile`]: key exchange, the AKL watchdog and key profiles as sans-IO
 //!   state machines with the clock injected.
 //! - [`config`], [`agent`]: the gateway config and the IO loop that joins everything.
+//! - [`secret`], [`zalloc`]: key material in zeroizing types, and the allocator that wipes what
+//!   other crates free.
 
 pub mod agent;
 pub mod certs;
@@ -25,6 +27,7 @@ pub mod privs;
 pub mod profile;
 pub mod secret;
 pub mod watchdog;
+pub mod zalloc;
 
 /// The eBPF object built by build.rs (aya-build), embedded so the binary is self-contained.
 pub static EBPF_OBJECT: &[u8] =

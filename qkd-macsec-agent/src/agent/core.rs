@@ -261,6 +261,24 @@ impl LinkCore {
         core
     }
 
+    /// As [`LinkCore::new`], for a restarted agent that could not adopt the kernel's SAs and
+    /// removed them: the first rollover tries `first_an` first (then the ANs after it), so it
+    /// does not land on the AN the peer may still transmit on with the old key, which the peer
+    /// would refuse (docs/protocol.md 3.3, "Restart").
+    pub fn new_with_first_an(
+        link: &Link,
+        start: Start,
+        nonce: NonceSource,
+        first_an: u8,
+        now: Instant,
+    ) -> Self {
+        let mut core = Self::build(link, start, nonce, now);
+        // `next_an` starts after `last_an`.
+        core.last_an = Some((first_an + 3) % 4);
+        core.pump(now);
+        core
+    }
+
     /// A core for a restarted agent that found `adoption` (its own record, checked against the
     /// kernel) transmitting: the link stays up with the kernel's SAs, the watchdog enforces the
     /// key's lifetime from when it really became active, and the master re-keys at once,

@@ -56,6 +56,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             missing.join(", ")
         );
     }
+    // Before any key (or the KME client's private key) is read: no core dumps, no swap.
+    let memory = crate::privs::protect_key_memory()
+        .context("prctl(PR_SET_DUMPABLE, 0): cannot keep key material out of core dumps")?;
+    match &memory.locked {
+        Ok(()) => {
+            tracing::info!("core dumps off, memory locked (no key material in dumps or swap)")
+        }
+        Err(why) => {
+            tracing::warn!(%why, "core dumps off, but memory is not locked: swap may hold key material; give the agent an unlimited RLIMIT_MEMLOCK (LimitMEMLOCK=infinity, which the packaged unit sets, or `ulimit -l unlimited`)")
+        }
+    }
     crate::privs::check_config_file(&args.config)?;
     let cfg = Config::load(&args.config)?;
     crate::privs::check_startup_files(&args.config, &cfg)?;
@@ -318,6 +329,10 @@ async fn run_link(
         st.tx_sa(st.encoding_sa).map(|t| (a.an, t.key_id.0))
     });
     let mlink = adopted.link;
+    let first_an = match adoption {
+        Some(_) => None,
+        None => remove_unvouched(&mut macsec, &mlink, &adopted.state, &label),
+    };
     macsec
         .set_up(&mlink)
         .with_context(|| format!("setting {} up", link.macsec_interface))?;
@@ -360,9 +375,12 @@ async fn run_link(
         local_sci: mlink.sci.0,
         used_keys: ledger.used(),
     };
-    let mut core = match adoption {
-        Some(a) => LinkCore::new_adopted(&link, start, nonce_source(), a, Instant::now()),
-        None => LinkCore::new(&link, start, nonce_source(), Instant::now()),
+    let mut core = match (adoption, first_an) {
+        (Some(a), _) => LinkCore::new_adopted(&link, start, nonce_source(), a, Instant::now()),
+        (None, Some(an)) => {
+            LinkCore::new_with_first_an(&link, start, nonce_source(), an.get(), Instant::now())
+        }
+        (None, None) => LinkCore::new(&link, start, nonce_source(), Instant::now()),
     };
     let mut io = LinkIo {
         label: label.clone(),
@@ -499,6 +517,40 @@ fn adoption(
             None
         }
     }
+}
+
+/// Without adoption, the SAs a previous agent left are keys nobody can vouch for (their age is
+/// unknown, and their bytes died with that agent, so no rollover can build on them): they go at
+/// start-up, TX (deactivated first) and RX alike. The link is stalled until re-keyed anyway.
+/// Returns the AN the first rollover should try (after the kernel's encoding SA, past every AN
+/// that held an SA: the peer may still transmit there), or `None` when there was nothing.
+///
+/// Merely deactivating the old encoding SA (the watchdog's reaction to it) left it installed on
+/// the kernel's encoding AN: a first rollover onto that AN failed on the occupied slot, the
+/// retry picked the same AN, and the link never re-keyed (issue 17; vm_agent_restart).
+fn remove_unvouched(
+    macsec: &mut Macsec,
+    mlink: &MacsecLink,
+    found: &macsec::SecyState,
+    label: &str,
+) -> Option<An> {
+    if found.is_bare() {
+        return None;
+    }
+    let first_an = found.first_free_an_after(found.encoding_sa);
+    match macsec.clear_sas(mlink) {
+        Ok(removed) => {
+            tracing::warn!(link = %label, %removed, encoding_sa = %found.encoding_sa, first_an = %first_an,
+                "removed the SAs the previous agent left (no record vouches for them); the link stays stalled until re-keyed")
+        }
+        Err(e) => {
+            // What stays is harmless to confidentiality: the watchdog switches off any active TX
+            // SA it did not install, the data plane stall drops traffic, and a rollover replaces
+            // a stale SA in its way (`execute`).
+            tracing::error!(link = %label, error = %e, "could not remove every SA the previous agent left")
+        }
+    }
+    Some(first_an)
 }
 
 impl LinkIo {
@@ -658,12 +710,22 @@ impl LinkIo {
                             .macsec
                             .activate_tx(&mut self.mlink, a, &key, &confirmed)
                         {
-                            // A stale TX SA on an AN we do not transmit on: remove, then retry.
+                            // A stale TX SA on an AN that is not our active key's: remove,
+                            // then retry.
                             Err(macsec::MacsecError::SaOccupied { .. })
                                 if active_an != Some(an) =>
                             {
-                                tracing::info!(link = %self.label, an, "replacing a stale TX SA");
-                                self.macsec.retire_tx(&self.mlink, a)?;
+                                if a == self.mlink.encoding_sa {
+                                    // Still the kernel's encoding SA (left by a previous agent,
+                                    // or set by someone else): `retire_tx` refuses that one, and
+                                    // a retry would meet it again. It is no key of ours: remove
+                                    // it as an exhausted one; the switch below follows at once.
+                                    tracing::warn!(link = %self.label, an, "replacing a stale TX SA that is still the encoding SA");
+                                    self.macsec.remove_stalled_tx(&self.mlink, a)?;
+                                } else {
+                                    tracing::info!(link = %self.label, an, "replacing a stale TX SA");
+                                    self.macsec.retire_tx(&self.mlink, a)?;
+                                }
                                 self.macsec
                                     .activate_tx(&mut self.mlink, a, &key, &confirmed)
                             }

@@ -925,6 +925,66 @@ fn the_master_counts_a_keys_lifetime_from_its_install_not_from_its_own_switch() 
     }
 }
 
+/// Issue 17: a master restarted without a record it can adopt has the kernel's SAs removed
+/// (agent/run.rs) and must re-key without aiming its first rollover at the AN the slave still
+/// transmits on with the old key: the slave's kernel refuses a new SA there (its active SA holds
+/// the AN), so every attempt failed, and with AN 0 as the old AN the restarted master picked it
+/// again and again. Started after the kernel's encoding SA, it never does; four restarts in a
+/// row cover all four ANs.
+#[test]
+fn a_master_restarted_without_a_record_starts_after_the_kernels_an() {
+    for profile in ["cak", "sak"] {
+        let mut w = World::new(profile, "gcm-aes-256");
+        w.rate = 100;
+        w.run_for(Duration::from_secs(100));
+        let (la, _) = links(profile, "gcm-aes-256", "");
+        let mut seen = HashSet::new();
+        for i in 0..4u64 {
+            assert!(w.in_sync(), "{profile}: in sync before restart {i}");
+            let old = w.ka.encoding.expect("the master transmits");
+            let slave_on = w.kb.encoding.expect("the slave transmits");
+            seen.insert(old);
+            // What run.rs does without a record: every SA goes, the SecY's encoding AN stays
+            // (and the ledger, which is no kernel state, too).
+            w.ka = Kernel {
+                encoding: Some(old),
+                ledger: std::mem::take(&mut w.ka.ledger),
+                ..Kernel::default()
+            };
+            let prepared = w.prepared.len();
+            w.a = LinkCore::new_with_first_an(
+                &la,
+                Start {
+                    used_keys: w.ka.ledger.clone(),
+                    ..start(A_MAC, 10_000 * (i + 1))
+                },
+                counter_nonce(),
+                (old + 1) % 4,
+                w.now,
+            );
+            let restarted = w.now;
+            while !w.in_sync() && w.now < restarted + Duration::from_secs(60) {
+                w.run_for(Duration::from_secs(1));
+            }
+            assert!(
+                w.in_sync(),
+                "{profile}: restart over AN {old} never re-keyed: {:?} / {:?}",
+                w.a.status(w.now),
+                w.b.status(w.now)
+            );
+            let aimed: Vec<u8> = w.prepared[prepared..].iter().map(|p| p.1).collect();
+            assert!(
+                !aimed.contains(&slave_on),
+                "{profile}: a rollover aimed at AN {slave_on}, where the slave transmits: {aimed:?}"
+            );
+            assert_eq!(w.ka.encoding, Some((old + 1) % 4), "{profile}");
+            w.run_for(Duration::from_secs(5));
+        }
+        assert_eq!(seen.len(), 4, "{profile}: every AN was the old one once");
+        assert_never_reused(&w.ka);
+    }
+}
+
 // ---- Issue 17 ----
 
 /// Item 2 end to end in the cores: an attacker records the whole link; one side restarts
