@@ -35,6 +35,13 @@ pub const RETIRE_GRACE: Duration = Duration::from_secs(2);
 /// Fills a buffer from a cryptographically secure random source (KS-nonces).
 pub type NonceSource = Box<dyn FnMut(&mut [u8]) + Send>;
 
+/// Delay before the next rollover attempt after one failed; it doubles with every further
+/// failure up to [`ROLLOVER_RETRY_MAX`] and is reset by a rollover that completes. Each attempt
+/// costs a key (sak profile) or a KN, so a peer that keeps refusing must not make the master
+/// spend them as fast as it can (seen: 20 attempts a second).
+pub const ROLLOVER_RETRY_INITIAL: Duration = Duration::from_secs(1);
+pub const ROLLOVER_RETRY_MAX: Duration = Duration::from_secs(16);
+
 /// Least time between two rollovers triggered by a peer that reports no active key.
 pub const PEER_RESET_HOLDOFF: Duration = Duration::from_secs(10);
 
@@ -144,6 +151,10 @@ pub struct LinkCore {
     nonce: NonceSource,
     roll: Roll,
     rollover_wanted: bool,
+    /// No rollover attempt before this (after a failed one), and the delay after the next
+    /// failure ([`ROLLOVER_RETRY_INITIAL`]).
+    retry_at: Option<Instant>,
+    retry_delay: Duration,
     /// Roll over as soon as the next fetched key is confirmed (the peer lost its keys).
     rollover_on_confirm: bool,
     /// The key and AN we transmit with.
@@ -340,6 +351,8 @@ impl LinkCore {
             nonce,
             roll: Roll::Idle,
             rollover_wanted: false,
+            retry_at: None,
+            retry_delay: ROLLOVER_RETRY_INITIAL,
             rollover_on_confirm: false,
             active: None,
             last_an: None,
@@ -537,6 +550,7 @@ impl LinkCore {
                     }
                     Err(e) => {
                         self.rollover_failed(
+                            now,
                             format!("INSTALL of {} refused locally: {e}", kr.key_id),
                             an,
                             Some(kr),
@@ -546,7 +560,12 @@ impl LinkCore {
                 }
             }
             (Roll::MasterPreparingRx { sak, an: a }, Err(e)) if a == an => {
-                self.rollover_failed(format!("installing RX SA {an}: {e}"), an, Some(sak.key_ref));
+                self.rollover_failed(
+                    now,
+                    format!("installing RX SA {an}: {e}"),
+                    an,
+                    Some(sak.key_ref),
+                );
                 Roll::Idle
             }
             (Roll::SlavePreparingRx { sak, an: a, role }, Ok(())) if a == an => {
@@ -586,6 +605,7 @@ impl LinkCore {
             }
             (Roll::MasterActivatingTx { sak, an: a }, Err(e)) if a == an => {
                 self.rollover_failed(
+                    now,
                     format!("switching TX to SA {an}: {e}"),
                     an,
                     Some(sak.key_ref),
@@ -703,6 +723,7 @@ impl LinkCore {
             self.wd.poll_timeout(),
             self.retire_at.iter().map(|(t, ..)| *t).min(),
             self.rx_retire.iter().map(|(.., t)| *t).min(),
+            self.retry_at,
         ]
         .into_iter()
         .flatten()
@@ -734,6 +755,8 @@ impl LinkCore {
         };
         self.wd.handle_activated_since(key, an, since, now);
         self.rollover_wanted = false;
+        self.retry_at = None;
+        self.retry_delay = ROLLOVER_RETRY_INITIAL;
         if let Some((old_key, old_an)) = old {
             if old_an != an {
                 if let Some(peer) = self.peer_mac {
@@ -751,12 +774,12 @@ impl LinkCore {
         tracing::info!(link = %self.label, key_id = %key.key_id, kn = key.kn, an, rekey_ms, "transmitting with a fresh key");
     }
 
-    fn rollover_failed(&mut self, detail: String, an: u8, key: Option<KeyRef>) {
+    fn rollover_failed(&mut self, now: Instant, detail: String, an: u8, key: Option<KeyRef>) {
         if let Some(peer) = self.peer_mac {
             self.commands
                 .push_back(Command::RetireRx { peer_mac: peer, an });
         }
-        self.rollover_given_up(detail, key);
+        self.rollover_given_up(detail, key, now);
     }
 
     /// A rollover whose outcome on the slave is unknown (see the INSTALL timeout): as
@@ -774,10 +797,10 @@ impl LinkCore {
         // may retire it.
         self.peer_on_an = None;
         self.rx_validated = None;
-        self.rollover_given_up(detail, key);
+        self.rollover_given_up(detail, key, now);
     }
 
-    fn rollover_given_up(&mut self, detail: String, key: Option<KeyRef>) {
+    fn rollover_given_up(&mut self, detail: String, key: Option<KeyRef>, now: Instant) {
         tracing::error!(link = %self.label, %detail, "rollover failed");
         self.report(Report::RolloverFailed { detail });
         // The SAK was handed out; whatever the outcome, it is never offered again.
@@ -785,6 +808,8 @@ impl LinkCore {
             self.keyx.retire(k.key_id);
         }
         self.rollover_wanted = true;
+        self.retry_at = Some(now + self.retry_delay);
+        self.retry_delay = (self.retry_delay * 2).min(ROLLOVER_RETRY_MAX);
     }
 
     fn report(&mut self, r: Report) {
@@ -811,10 +836,17 @@ impl LinkCore {
     }
 
     fn try_start_rollover(&mut self, now: Instant) {
+        // Cleared here, on every pump, so that `poll_timeout` never returns a past instant.
+        if self.retry_at.is_some_and(|t| now >= t) {
+            self.retry_at = None;
+        }
         if self.role != Role::Master || !matches!(self.roll, Roll::Idle) {
             return;
         }
         if !(self.wd.is_stalled() || self.rollover_wanted) {
+            return;
+        }
+        if self.retry_at.is_some() {
             return;
         }
         let Some(peer_mac) = self.peer_mac else {
@@ -920,7 +952,7 @@ impl LinkCore {
                             // `next_an` keeps the next attempt off this AN meanwhile.
                             self.rollover_undecided(detail, an, Some(sak.key_ref), now);
                         } else {
-                            self.rollover_failed(detail, an, Some(sak.key_ref));
+                            self.rollover_failed(now, detail, an, Some(sak.key_ref));
                         }
                     }
                     other => self.roll = other,

@@ -136,6 +136,8 @@ struct World {
     /// Everything the master sends to the slave is lost after its next INSTALL.
     drop_a_after_install: bool,
     drop_a_to_b: bool,
+    /// The slave's kernel refuses every new RX SA.
+    b_refuses_rx: bool,
     /// The master sends nothing (its TX PN stays put): only the slave's frames use up keys.
     master_silent: bool,
 }
@@ -185,6 +187,7 @@ impl World {
             recorded: Vec::new(),
             drop_a_after_install: false,
             drop_a_to_b: false,
+            b_refuses_rx: false,
             master_silent: false,
         }
     }
@@ -281,6 +284,10 @@ impl World {
                         peer.handle_tlv(&p, mac, now);
                     }
                 }
+            }
+            Command::PrepareRx { an, .. } if who == 'b' && self.b_refuses_rx => {
+                self.prepared.push((who, an, now));
+                core.handle_rx_prepared(an, Err("EINVAL".into()), now);
             }
             Command::PrepareRx { peer_mac, an, sak } => {
                 assert_eq!(
@@ -1290,4 +1297,46 @@ fn frames_from_before_the_slaves_switch_never_retire_the_an_it_switched_to() {
     w.a.handle_rx_validated(enc_a, late + 100, now);
     w.settle();
     assert!(!w.ka.rx.contains_key(&switched_to));
+}
+
+/// A peer that refuses every INSTALL must not make the master burn keys (sak) or KNs (cak) as
+/// fast as it can: failed rollovers back off, doubling from 1 s to 16 s (seen before: about 20
+/// attempts a second after a restart that left the slave on the AN the master kept choosing).
+#[test]
+fn rollovers_a_peer_refuses_back_off() {
+    for profile in ["cak", "sak"] {
+        let mut w = World::new(profile, "gcm-aes-256");
+        w.run_for(Duration::from_secs(5));
+        assert!(w.in_sync());
+        w.b_refuses_rx = true;
+        // Force a rollover now and watch the master's attempts for two minutes.
+        let from = w.prepared.len();
+        let now = w.now;
+        w.a.handle_rx_validated(w.ka.encoding.unwrap(), 0xC000_0000 / 10 * 8, now);
+        w.run_for(Duration::from_secs(120));
+        let times: Vec<Instant> = w.prepared[from..]
+            .iter()
+            .filter(|(who, ..)| *who == 'a')
+            .map(|(.., t)| *t)
+            .collect();
+        // 0, 1, 3, 7, 15, 31, 47, 63, ... s: at most 11 in 120 s (plus key waits in sak).
+        assert!(
+            (4..=11).contains(&times.len()),
+            "{profile}: {} attempts in 120 s",
+            times.len()
+        );
+        let gaps: Vec<Duration> = times.windows(2).map(|p| p[1] - p[0]).collect();
+        assert!(
+            gaps.iter().all(|g| *g >= Duration::from_secs(1)),
+            "{profile}: {gaps:?}"
+        );
+        assert!(
+            gaps.last().unwrap() >= &Duration::from_secs(8),
+            "{profile}: no backoff: {gaps:?}"
+        );
+        // The peer accepts again: the next attempt succeeds and the delay starts over.
+        w.b_refuses_rx = false;
+        w.run_for(Duration::from_secs(20));
+        assert!(w.in_sync(), "{profile}: did not recover");
+    }
 }
