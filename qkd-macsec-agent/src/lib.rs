@@ -29,6 +29,14 @@ pub mod secret;
 pub mod watchdog;
 pub mod zalloc;
 
-/// The eBPF object built by build.rs (aya-build), embedded so the binary is self-contained.
+/// The production eBPF object built by build.rs (aya-build), embedded so the binary is
+/// self-contained: `qkd_xdp` and `qkd_tc` and their maps (docs/dataplane.md).
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/qkd-macsec"));
+
+/// The test object (`qkd-macsec-ebpf/src/bin/test_programs.rs`): the harness's `probe` and the
+/// benchmark baselines `qkd_xdp_pass` and `qkd_tc_pass`. The daemon never loads it; only the
+/// host tests and the `ebpf` benchmark (`qkd-macsec-bench-ebpf`) refer to it, so the linker
+/// leaves it out of the agent binary.
+pub static EBPF_TEST_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/qkd-macsec-test"));

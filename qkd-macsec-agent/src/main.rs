@@ -83,20 +83,6 @@ enum Command {
         #[arg(long)]
         stall: bool,
     },
-    /// Benchmark `ebpf`: per-packet cost of the XDP/TC programs (BPF_PROG_TEST_RUN).
-    #[command(hide = true)]
-    BenchEbpf {
-        /// Also merge the results into this flat JSON object (xtask collects the printed
-        /// `bench-result:` lines otherwise).
-        #[arg(long)]
-        out: Option<std::path::PathBuf>,
-        /// Program runs per measurement.
-        #[arg(long, default_value_t = 5_000_000)]
-        repeat: u32,
-        /// Interleaved rounds (the median is reported).
-        #[arg(long, default_value_t = 5)]
-        rounds: usize,
-    },
     /// Run a pair of simulated ETSI GS QKD 014 KMEs sharing one simulated QKD link.
     KmeSim(kmesim::cli::SimArgs),
     /// Show or change a running KME simulator's knobs and faults.
@@ -179,15 +165,6 @@ fn main() -> anyhow::Result<()> {
             &iface,
             &bpffs_root,
             stall,
-        )?),
-        Command::BenchEbpf {
-            out,
-            repeat,
-            rounds,
-        } => Ok(qkd_macsec_agent::dataplane::tool::bench(
-            out.as_deref(),
-            repeat,
-            rounds,
         )?),
         Command::BenchMacsec {
             rollovers,

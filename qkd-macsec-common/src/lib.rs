@@ -7,6 +7,10 @@
 
 pub mod sectag;
 
+/// Ethernet header without VLAN tags: two MAC addresses and the EtherType.
+pub const ETH_HLEN: usize = 14;
+/// EtherType of IPv4.
+pub const ETH_P_IPV4: u16 = 0x0800;
 /// EtherType of LLDP (IEEE 802.1AB).
 pub const ETH_P_LLDP: u16 = 0x88CC;
 /// EtherType of MACsec (IEEE 802.1AE).
@@ -14,7 +18,18 @@ pub const ETH_P_MACSEC: u16 = 0x88E5;
 /// EtherType of EAPOL / MKA (IEEE 802.1X).
 pub const ETH_P_PAE: u16 = 0x888E;
 
-/// Name of the counter map for the harness's first XDP test.
+// ---------------------------------------------------------------------------------------------
+// The test object (`qkd-macsec-test`, qkd_macsec_agent::EBPF_TEST_OBJECT): programs that only
+// tests and benchmarks load, kept out of the object the agent loads.
+
+/// XDP program of the test object: counts frames by [`ProbeClass`] and passes everything (the
+/// harness's proof that an XDP program loads and counts, tests/tests/host_xdp.rs).
+pub const PROG_PROBE: &str = "probe";
+/// A trivial XDP_PASS program of the test object, the eBPF benchmark's XDP baseline.
+pub const PROG_XDP_PASS: &str = "qkd_xdp_pass";
+/// A trivial TC program of the test object, the TC benchmark's baseline.
+pub const PROG_TC_PASS: &str = "qkd_tc_pass";
+/// `PerCpuArray<u64>` of the test object, [`PROBE_CLASSES`] entries indexed by [`ProbeClass`].
 pub const MAP_PROBE_COUNTERS: &str = "PROBE_COUNTERS";
 
 /// Index into the probe counter array: frames by class.
@@ -37,11 +52,6 @@ pub const PROBE_CLASSES: u32 = 4;
 pub const PROG_XDP: &str = "qkd_xdp";
 /// TC egress program on the lower device: TX MACsec counters, TX stall.
 pub const PROG_TC: &str = "qkd_tc";
-/// A trivial XDP_PASS program, the benchmark's baseline (same object, same run).
-pub const PROG_XDP_PASS: &str = "qkd_xdp_pass";
-
-/// A trivial TC program, the TC benchmark's baseline.
-pub const PROG_TC_PASS: &str = "qkd_tc_pass";
 
 /// `Array<DataplaneConfig>`, one entry.
 pub const MAP_CONFIG: &str = "QKD_CONFIG";

@@ -8,6 +8,7 @@
 
 use core::fmt;
 
+pub use crate::ETH_HLEN;
 use crate::{
     ETH_P_MACSEC, MACSEC_MIN_NON_SHORT_LEN, MACSEC_PORT_ES, SL_RESERVED, TCI_AN_MASK, TCI_C, TCI_E,
     TCI_ES, TCI_SC, TCI_SCB, TCI_V,
@@ -15,8 +16,6 @@ use crate::{
 
 /// Destination and source MAC addresses.
 const MACS_LEN: usize = 12;
-/// Ethernet header without VLAN tags.
-pub const ETH_HLEN: usize = 14;
 /// SecTAG without the SCI: TCI/AN, SL, PN.
 pub const SECTAG_BASE_LEN: usize = 6;
 /// Length of an explicit SCI.
@@ -170,6 +169,23 @@ impl SecTag {
     }
 }
 
+/// The first rule of 9.5-9.7 that the TCI/AN and short-length octets break, in the order
+/// `macsec_validate_skb` checks them (version, SC with ES or SCB, reserved SL bits); `None` when
+/// they are fine. Shared with the XDP and TC programs, which call it only once their one combined
+/// test of the three rules has failed (the valid path pays a single branch).
+#[inline(always)]
+pub const fn header_error(tci: u8, sl: u8) -> Option<SecTagError> {
+    if tci & TCI_V != 0 {
+        Some(SecTagError::Version)
+    } else if tci & TCI_SC != 0 && tci & (TCI_ES | TCI_SCB) != 0 {
+        Some(SecTagError::ScWithEsOrScb { tci })
+    } else if sl & SL_RESERVED != 0 {
+        Some(SecTagError::ReservedShortLength { sl })
+    } else {
+        None
+    }
+}
+
 /// Decodes and validates the SecTAG of an untagged Ethernet frame (from the destination MAC, no
 /// FCS) whose ICV is `icv_len` octets. The PN-zero rule depends on the SA, see
 /// [`SecTag::pn_valid`].
@@ -183,16 +199,10 @@ pub fn parse(frame: &[u8], icv_len: usize) -> Result<SecTag, SecTagError> {
     }
     let tci = head[14];
     let sl = head[15];
-    if tci & TCI_V != 0 {
-        return Err(SecTagError::Version);
+    if let Some(e) = header_error(tci, sl) {
+        return Err(e);
     }
     let sc = tci & TCI_SC != 0;
-    if sc && tci & (TCI_ES | TCI_SCB) != 0 {
-        return Err(SecTagError::ScWithEsOrScb { tci });
-    }
-    if sl & SL_RESERVED != 0 {
-        return Err(SecTagError::ReservedShortLength { sl });
-    }
     let overhead = 2 + SECTAG_BASE_LEN + if sc { SCI_LEN } else { 0 } + icv_len;
     let after_macs = frame.len() - MACS_LEN;
     let secure = after_macs.checked_sub(overhead);

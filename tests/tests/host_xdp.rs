@@ -1,6 +1,6 @@
-//! Harness proof for XDP on the host: the agent's embedded eBPF object loads with aya, its `probe`
-//! program attaches to a veth inside a fresh namespace, and PROBE_COUNTERS counts exactly the frames
-//! sent to it, by class.
+//! Harness proof for XDP on the host: the test eBPF object (`qkd_macsec_agent::EBPF_TEST_OBJECT`,
+//! built next to the production object) loads with aya, its `probe` program attaches to a veth
+//! inside a fresh namespace, and PROBE_COUNTERS counts exactly the frames sent to it, by class.
 //!
 //! Determinism: IPv6 is disabled in both namespaces (no router solicitations or MLD reports) and
 //! the neighbours are static (no ARP), so every frame that reaches the veth is one this test sent.
@@ -12,7 +12,9 @@ use std::mem;
 use aya::maps::PerCpuArray;
 use aya::programs::{Xdp, XdpMode};
 use aya::Ebpf;
-use qkd_macsec_common::{ProbeClass, ETH_P_LLDP, ETH_P_MACSEC, MAP_PROBE_COUNTERS, PROBE_CLASSES};
+use qkd_macsec_common::{
+    ProbeClass, ETH_P_LLDP, ETH_P_MACSEC, MAP_PROBE_COUNTERS, PROBE_CLASSES, PROG_PROBE,
+};
 use qkd_macsec_tests::{add_ipv4, require_root, veth_pair, Mac, NetNs};
 
 const PINGS: u64 = 3;
@@ -132,10 +134,11 @@ fn probe_counts_frames_by_class(mode: XdpMode) {
 
     // Load and attach while this thread is inside `b`: interface lookups are per namespace.
     let guard = b.enter();
-    let mut ebpf = Ebpf::load(qkd_macsec_agent::EBPF_OBJECT).expect("loading the eBPF object");
+    let mut ebpf =
+        Ebpf::load(qkd_macsec_agent::EBPF_TEST_OBJECT).expect("loading the eBPF test object");
     let prog: &mut Xdp = ebpf
-        .program_mut("probe")
-        .expect("program `probe` missing from the eBPF object")
+        .program_mut(PROG_PROBE)
+        .expect("program `probe` missing from the eBPF test object")
         .try_into()
         .expect("`probe` is an XDP program");
     prog.load().expect("the verifier rejected `probe`");

@@ -10,6 +10,7 @@ use qkd_macsec_common::{
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
+use super::klog::AsyncKernelLog;
 use super::maps::{SaKey, SaSlot, Sci};
 use super::DataplaneError;
 
@@ -137,13 +138,20 @@ pub fn parse_event(buf: &[u8]) -> Result<DataplaneEvent, DataplaneError> {
 
 /// The interface's events, read from the pinned ring buffer. Records that do not parse are
 /// returned as errors (and logged), never silently skipped.
+///
+/// When the programs were loaded with logging on, the stream also drains their log ring into
+/// tracing (super::klog) whenever it reads or waits for events; those records are never returned.
 pub struct EventStream {
     ring: AsyncFd<RingBuf<MapData>>,
     pending: VecDeque<Result<DataplaneEvent, DataplaneError>>,
+    klog: Option<AsyncKernelLog>,
 }
 
 impl EventStream {
-    pub(crate) fn new(ring: RingBuf<MapData>) -> Result<Self, DataplaneError> {
+    pub(crate) fn new(
+        ring: RingBuf<MapData>,
+        klog: Option<AsyncKernelLog>,
+    ) -> Result<Self, DataplaneError> {
         // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for as long as the
         // AsyncFd owns the RingBuf.
         let ring =
@@ -156,6 +164,7 @@ impl EventStream {
         Ok(Self {
             ring,
             pending: VecDeque::new(),
+            klog,
         })
     }
 
@@ -164,6 +173,9 @@ impl EventStream {
     /// events): however fast frames arrive, the ring's fixed size (and the XDP rate limit in
     /// front of it) bounds what the agent buffers.
     fn drain(&mut self) {
+        if let Some(k) = &mut self.klog {
+            k.flush();
+        }
         let ring = self.ring.get_mut();
         while let Some(item) = ring.next() {
             let ev = parse_event(&item);
@@ -196,15 +208,23 @@ impl EventStream {
             if let Some(ev) = self.try_next() {
                 return ev;
             }
-            let mut guard =
-                self.ring
-                    .readable_mut()
-                    .await
-                    .map_err(|source| DataplaneError::Io {
+            let Self { ring, klog, .. } = self;
+            tokio::select! {
+                guard = ring.readable_mut() => {
+                    let mut guard = guard.map_err(|source| DataplaneError::Io {
                         context: "waiting on the event ring buffer".into(),
                         source,
                     })?;
-            guard.clear_ready();
+                    guard.clear_ready();
+                }
+                r = wait_log(klog) => {
+                    if let Err(e) = r {
+                        // The events matter, the log records do not: go on without them.
+                        tracing::warn!(error = %e, "eBPF log records no longer read");
+                        *klog = None;
+                    }
+                }
+            }
         }
     }
 
@@ -224,6 +244,14 @@ impl EventStream {
             }
         });
         rx
+    }
+}
+
+/// Waits for and writes out log records; never completes without a log ring.
+async fn wait_log(klog: &mut Option<AsyncKernelLog>) -> Result<(), DataplaneError> {
+    match klog {
+        Some(k) => k.wait_and_flush().await,
+        None => std::future::pending().await,
     }
 }
 

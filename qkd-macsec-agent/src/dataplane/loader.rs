@@ -19,6 +19,7 @@ use qkd_macsec_common::{
 };
 
 use super::events::EventStream;
+use super::klog::{self, KernelLog};
 use super::maps::{
     choose_slot, new_entry, probe_sequence, sum_counters, IfCounters, SaCounters, SaKey, SaSlot,
     Sci, SlotChoice,
@@ -103,6 +104,8 @@ pub struct Dataplane {
     if_stats: PerCpuArray<MapData, Counter>,
     lldp_sources: HashMap<MapData, u64, u64>,
     events: Option<RingBuf<MapData>>,
+    /// The programs' log records, when enabled at load; goes with the events to the stream.
+    klog: Option<KernelLog>,
     nr_cpus: usize,
     // Last: programs stay loaded while the maps above are used.
     _ebpf: Ebpf,
@@ -160,9 +163,19 @@ impl Dataplane {
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }
+        // The programs write log records only when tracing would show them (klog.rs).
+        let log_level = klog::load_level();
+        loader.override_global(klog::LEVEL_GLOBAL, &log_level, true);
         let mut ebpf = loader
             .load(crate::EBPF_OBJECT)
             .map_err(|e| load_error("the eBPF object's maps", e))?;
+        // During start-up, with every capability still held; the programs' instructions refer to
+        // the ring, so it stays open at least as long as they are loaded (in `klog`).
+        let klog = if log_level == 0 {
+            None
+        } else {
+            Some(KernelLog::new(&mut ebpf, ifname)?)
+        };
 
         let mut config: Array<MapData, DataplaneConfig> = take(&mut ebpf, MAP_CONFIG)?;
         if !reopened {
@@ -201,6 +214,7 @@ impl Dataplane {
             if_stats,
             lldp_sources,
             events: Some(events),
+            klog,
             nr_cpus,
             _ebpf: ebpf,
         };
@@ -212,6 +226,7 @@ impl Dataplane {
             reopened,
             xdp_mode = ?dp.xdp_mode,
             tc = ?dp.tc_backend,
+            kernel_log = dp.klog.is_some(),
             "data plane attached"
         );
         Ok(dp)
@@ -413,7 +428,8 @@ impl Dataplane {
         self.tc_backend
     }
 
-    /// Takes the event stream (once). Needs a tokio runtime with IO enabled.
+    /// Takes the event stream (once). Needs a tokio runtime with IO enabled. The stream also
+    /// writes the programs' log records to tracing, if they were enabled at load ([`klog`]).
     pub fn take_events(&mut self) -> Result<EventStream, DataplaneError> {
         let ring = self
             .events
@@ -421,7 +437,8 @@ impl Dataplane {
             .ok_or_else(|| DataplaneError::EventsTaken {
                 ifname: self.ifname.clone(),
             })?;
-        EventStream::new(ring)
+        let klog = self.klog.take().map(KernelLog::into_async).transpose()?;
+        EventStream::new(ring, klog)
     }
 
     fn get_config(&self) -> Result<DataplaneConfig, DataplaneError> {

@@ -1,6 +1,7 @@
 //! The eBPF data plane on a MACsec link's lower device: loading and attaching the XDP (ingress)
 //! and TC (egress) programs, the typed map API the agent uses (SA registration, PN thresholds,
-//! stall switch, counters) and the ring-buffer events (project LLDP TLVs, PN threshold crossings).
+//! stall switch, counters) and the ring-buffer events (project LLDP TLVs, PN threshold crossings),
+//! and the programs' own log records routed into tracing ([`klog`]).
 //!
 //! Everything the programs need to keep enforcing a stall lives in bpffs under
 //! `<bpffs_root>/<ifname>/` (maps and links), so a killed agent leaves the stall in force and a
@@ -8,6 +9,7 @@
 
 mod bench;
 mod events;
+pub mod klog;
 mod loader;
 mod maps;
 pub mod tool;

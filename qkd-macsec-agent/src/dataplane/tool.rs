@@ -1,4 +1,6 @@
-//! Entry points of the hidden `dataplane-hold` and `bench-ebpf` subcommands.
+//! Entry points of the agent's hidden `dataplane-hold` subcommand (a test helper) and of the
+//! `ebpf` benchmark program (`qkd-macsec-bench-ebpf`, tests/src/bin/bench_ebpf.rs; kept out of the
+//! agent binary, which thus does not carry the test object with the benchmark's baselines).
 
 use std::io::Write as _;
 use std::path::Path;
@@ -36,7 +38,7 @@ pub fn hold(ifname: &str, bpffs_root: &Path, stall: bool) -> Result<(), Dataplan
 pub fn bench(out: Option<&Path>, repeat: u32, rounds: usize) -> Result<(), DataplaneError> {
     let results = run_benchmark(repeat, rounds)?;
     for r in &results {
-        println!("bench-result: {} {:.2}", r.key, r.ns_per_pkt);
+        println!("bench-result: {} {:.2}", r.key, r.value);
     }
     let Some(out) = out else {
         return Ok(());
@@ -58,7 +60,7 @@ pub fn bench(out: Option<&Path>, repeat: u32, rounds: usize) -> Result<(), Datap
     for r in &results {
         obj.insert(
             r.key.clone(),
-            serde_json::Value::from((r.ns_per_pkt * 100.0).round() / 100.0),
+            serde_json::Value::from((r.value * 100.0).round() / 100.0),
         );
     }
     if let Some(dir) = out.parent() {
