@@ -4,7 +4,7 @@
 //!   VM kernel and initramfs). Idempotent; a second run takes seconds.
 //! - `vm-run`, `vm-runner`: run a command (or a cargo test binary) as root inside a qemu VM whose
 //!   kernel has MACsec.
-//! - `test`: every check, in order: fmt, clippy, unit tests, loopback integration tests, fuzz smoke run, privileged host tests, VM tests.
+//! - `test`: every check, in order: fmt, clippy, unit tests, loopback integration tests, fuzz smoke run, privileged host tests, benchmark smoke run, VM tests.
 //! - `build-ebpf`: builds the eBPF object alone.
 //! - `demo`: two QKD-keyed MACsec gateways with traffic and a live view (in the VM if needed).
 //! - `soak --minutes N`: the seeded chaos soak (faults against a live link), results under
@@ -67,9 +67,9 @@ enum Cmd {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         cmd: Vec<String>,
     },
-    /// Run every check: fmt, clippy, unit tests, integration tests, fuzz smoke, host tests (root), VM tests.
+    /// Run every check: fmt, clippy, unit tests, integration tests, fuzz smoke, host tests (root), benchmark smoke, VM tests.
     Test {
-        /// Run only these stages (fmt, clippy, unit, integration, fuzz, host, vm); may repeat. Default: all.
+        /// Run only these stages (fmt, clippy, unit, integration, fuzz, host, bench, vm); may repeat. Default: all.
         #[arg(long = "only", value_name = "STAGE")]
         only: Vec<test::Stage>,
         /// Only test binaries whose name contains this text (host and VM stages).

@@ -89,6 +89,22 @@ const EXPLICIT_BASELINES: &[(&str, &str)] = &[
     // Under 16 concurrent requests against one at a time.
     ("kme.enc_dec_p99_ms_c16", "kme.enc_dec_p99_ms"),
     ("kme.keys_per_s_c16", "kme.keys_per_s_c1"),
+    // The eBPF programs with their log records enabled against the same paths without (the
+    // agent's default): what aya-log costs where.
+    ("xdp.macsec_log_debug_ns_per_pkt", "xdp.macsec_ns_per_pkt"),
+    ("tc.macsec_log_debug_ns_per_pkt", "tc.macsec_ns_per_pkt"),
+    (
+        "xdp.macsec_malformed_log_debug_ns_per_pkt",
+        "xdp.macsec_malformed_ns_per_pkt",
+    ),
+    (
+        "xdp.lldp_rate_limited_log_debug_ns_per_pkt",
+        "xdp.lldp_rate_limited_ns_per_pkt",
+    ),
+    ("xdp.verified_insns_log_debug", "xdp.verified_insns"),
+    ("xdp.xlated_insns_log_debug", "xdp.xlated_insns"),
+    ("tc.verified_insns_log_debug", "tc.verified_insns"),
+    ("tc.xlated_insns_log_debug", "tc.xlated_insns"),
 ];
 
 /// The baseline key of `key` in `all`, if any: an [`EXPLICIT_BASELINES`] entry, or `<key>_baseline`, or within the same area a

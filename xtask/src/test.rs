@@ -1,4 +1,4 @@
-//! `cargo xtask test`: every check in order (fmt, clippy, unit, integration, fuzz, host, vm), each announced and timed;
+//! `cargo xtask test`: every check in order (fmt, clippy, unit, integration, fuzz, host, bench, vm), each announced and timed;
 //! and `cargo xtask build-ebpf`.
 
 use std::fs;
@@ -28,17 +28,20 @@ pub enum Stage {
     Fuzz,
     /// tests/tests/host_*.rs as root on the host
     Host,
+    /// every benchmark area with tiny counts (host jobs, then the VM jobs in one boot)
+    Bench,
     /// tests/tests/vm_*.rs inside the VM, all in one boot
     Vm,
 }
 
-const ALL: [Stage; 7] = [
+const ALL: [Stage; 8] = [
     Stage::Fmt,
     Stage::Clippy,
     Stage::Unit,
     Stage::Integration,
     Stage::Fuzz,
     Stage::Host,
+    Stage::Bench,
     Stage::Vm,
 ];
 
@@ -90,6 +93,7 @@ pub fn run(only: &[Stage], filter: Option<&str>) -> Result<()> {
                 crate::fuzz::run(&[], crate::fuzz::Budget::Seconds(FUZZ_SMOKE_SECONDS), true)
             }
             Stage::Host => host(filter),
+            Stage::Bench => crate::bench::smoke(),
             Stage::Vm => vm_stage(filter),
         };
         timings.push((*stage, t.elapsed()));
@@ -125,6 +129,10 @@ fn describe(s: Stage) -> &'static str {
         }
         Stage::Fuzz => "fuzz: every fuzz target for 12 s (cargo xtask fuzz --seconds 12; sectag_xdp needs root)",
         Stage::Host => "host: tests/tests/host_*.rs as root (--test-threads=1)",
+        Stage::Bench => {
+            "bench: every benchmark area (kme, macsec, ebpf, agent) with tiny counts on the debug \
+             build, VM jobs in one boot; numbers in target/bench-smoke/ (cargo xtask bench for real ones)"
+        }
         Stage::Vm => "vm: tests/tests/vm_*.rs inside the MACsec VM, one boot (--test-threads=1)",
     }
 }
