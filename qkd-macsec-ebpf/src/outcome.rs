@@ -3,8 +3,8 @@
 //!
 //! Log records (aya-log, routed into the agent's tracing at debug level) are written for the rare
 //! outcomes an operator debugging a link wants to see, never for a registered SA's frame or a
-//! delivered TLV. A flood of them must not cost what it is reported for, so each is sampled by its
-//! counter: the first frame of a kind on a CPU and every [`LOG_EVERY`]th after it. When the loader
+//! delivered TLV. A flood of such frames must not become a flood of records, so each kind is
+//! sampled by its counter: the first frame of a kind on a CPU and every [`LOG_EVERY`]th after it. When the loader
 //! disabled logging (`AYA_LOG_LEVEL` 0, the default unless the agent logs the kernel target at
 //! debug level) the verifier removes every log branch: `AYA_LOG_LEVEL` lives in the frozen
 //! `.rodata` map, so the level test is a known constant.

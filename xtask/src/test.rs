@@ -361,15 +361,16 @@ pub fn build_ebpf() -> Result<()> {
     let mut c = ebpf_cargo("build");
     util::run(&mut c)
         .context("eBPF build failed; `cargo xtask setup` installs the nightly and bpf-linker")?;
-    let obj = target_dir.join("bpfel-unknown-none/release/qkd-macsec");
-    let size = fs::metadata(&obj)
-        .with_context(|| format!("eBPF object {} missing after the build", obj.display()))?
-        .len();
-    eprintln!(
-        "[build-ebpf] {} ({size} bytes) in {}",
-        obj.display(),
-        secs(t)
-    );
+    // The production object and the test object (the eBPF crate's two bins), with their DWARF
+    // (the agent's build.rs strips the copies it embeds).
+    for name in ["qkd-macsec", "qkd-macsec-test"] {
+        let obj = target_dir.join("bpfel-unknown-none/release").join(name);
+        let size = fs::metadata(&obj)
+            .with_context(|| format!("eBPF object {} missing after the build", obj.display()))?
+            .len();
+        eprintln!("[build-ebpf] {} ({size} bytes)", obj.display());
+    }
+    eprintln!("[build-ebpf] done in {}", secs(t));
     Ok(())
 }
 
