@@ -21,11 +21,10 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::record::Adoption;
-use crate::config::{Link, ProfileKind, Role};
 use crate::keyx::machine::{Event as KxEvent, Keyx, KeyxConfig, LostReason};
 use crate::keyx::wire::{sci_mac, Active, KeyRole, NackReason};
-use crate::keyx::KeyId;
-use crate::profile::{KeySupply, Params, ProfileError, Sak, SupplyAction};
+use crate::keyx::{KeyId, Role};
+use crate::profile::{KeySupply, Params, ProfileError, ProfileKind, Sak, SupplyAction};
 use crate::secret::SecretBytes;
 use crate::watchdog::{Action as WdAction, Alarm, KeyRef, Limits, StallReason, Watchdog};
 
@@ -44,6 +43,19 @@ pub const ROLLOVER_RETRY_MAX: Duration = Duration::from_secs(16);
 
 /// Least time between two rollovers triggered by a peer that reports no active key.
 pub const PEER_RESET_HOLDOFF: Duration = Duration::from_secs(10);
+
+/// One link's settings in the logic's own types (the config schema translates into it:
+/// `config::Link::core_config`).
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// For logs and the status.
+    pub label: String,
+    /// The exchange's settings; its `initial_seq`, `incarnation` and `local_sci` are taken from
+    /// [`Start`].
+    pub keyx: KeyxConfig,
+    pub profile: Params,
+    pub limits: Limits,
+}
 
 /// What the IO layer knows at start that the core cannot make up.
 #[derive(Debug, Clone, Default)]
@@ -266,8 +278,8 @@ fn nack_for(e: &ProfileError) -> NackReason {
 impl LinkCore {
     /// `start`: see [`Start`]. `nonce` fills KS-nonces (CAK profile) from a cryptographic
     /// random source.
-    pub fn new(link: &Link, start: Start, nonce: NonceSource, now: Instant) -> Self {
-        let mut core = Self::build(link, start, nonce, now);
+    pub fn new(cfg: CoreConfig, start: Start, nonce: NonceSource, now: Instant) -> Self {
+        let mut core = Self::build(cfg, start, nonce, now);
         core.pump(now);
         core
     }
@@ -277,13 +289,13 @@ impl LinkCore {
     /// does not land on the AN the peer may still transmit on with the old key, which the peer
     /// would refuse (docs/protocol.md 3.3, "Restart").
     pub fn new_with_first_an(
-        link: &Link,
+        cfg: CoreConfig,
         start: Start,
         nonce: NonceSource,
         first_an: u8,
         now: Instant,
     ) -> Self {
-        let mut core = Self::build(link, start, nonce, now);
+        let mut core = Self::build(cfg, start, nonce, now);
         // `next_an` starts after `last_an`.
         core.last_an = Some((first_an + 3) % 4);
         core.pump(now);
@@ -296,13 +308,13 @@ impl LinkCore {
     /// because the key bytes died with the previous agent (no SAK can be derived from a CAK we
     /// no longer hold, and no rollover can reuse the adopted key).
     pub fn new_adopted(
-        link: &Link,
+        cfg: CoreConfig,
         start: Start,
         nonce: NonceSource,
         adoption: Adoption,
         now: Instant,
     ) -> Self {
-        let mut core = Self::build(link, start, nonce, now);
+        let mut core = Self::build(cfg, start, nonce, now);
         match now.checked_sub(adoption.age) {
             Some(since) => {
                 let Adoption {
@@ -326,28 +338,29 @@ impl LinkCore {
         core
     }
 
-    fn build(link: &Link, start: Start, nonce: NonceSource, now: Instant) -> Self {
-        let params = Params::from_link(link);
-        let tolerated = match link.profile {
-            ProfileKind::Cak => link.cak.tolerated_failures,
-            // A full buffer rides out k failed requests.
-            ProfileKind::Sak => link.sak.buffer,
-        };
-        let mut keyx = Keyx::new(
-            KeyxConfig::from_link(link, start.initial_seq, start.incarnation, start.local_sci),
-            now,
-        );
+    fn build(cfg: CoreConfig, start: Start, nonce: NonceSource, now: Instant) -> Self {
+        let CoreConfig {
+            label,
+            keyx: mut kc,
+            profile,
+            limits,
+        } = cfg;
+        kc.initial_seq = start.initial_seq;
+        kc.incarnation = start.incarnation;
+        kc.local_sci = start.local_sci;
+        let role = kc.role;
+        let mut keyx = Keyx::new(kc, now);
         for k in start.used_keys {
             keyx.retire(k);
         }
         Self {
-            label: link.label().to_owned(),
-            role: link.role(),
-            kind: link.profile,
-            key_len: params.qkd_key_len(),
+            label,
+            role,
+            kind: profile.kind,
+            key_len: profile.qkd_key_len(),
             keyx,
-            supply: KeySupply::new(params, now),
-            wd: Watchdog::new(Limits::from_config(&link.akl, link.cipher, tolerated)),
+            supply: KeySupply::new(profile, now),
+            wd: Watchdog::new(limits),
             nonce,
             roll: Roll::Idle,
             rollover_wanted: false,

@@ -376,11 +376,17 @@ async fn run_link(
         used_keys: ledger.used(),
     };
     let mut core = match (adoption, first_an) {
-        (Some(a), _) => LinkCore::new_adopted(&link, start, nonce_source(), a, Instant::now()),
-        (None, Some(an)) => {
-            LinkCore::new_with_first_an(&link, start, nonce_source(), an.get(), Instant::now())
+        (Some(a), _) => {
+            LinkCore::new_adopted(link.core_config(), start, nonce_source(), a, Instant::now())
         }
-        (None, None) => LinkCore::new(&link, start, nonce_source(), Instant::now()),
+        (None, Some(an)) => LinkCore::new_with_first_an(
+            link.core_config(),
+            start,
+            nonce_source(),
+            an.get(),
+            Instant::now(),
+        ),
+        (None, None) => LinkCore::new(link.core_config(), start, nonce_source(), Instant::now()),
     };
     let mut io = LinkIo {
         label: label.clone(),

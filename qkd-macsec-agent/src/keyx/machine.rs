@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::auth::Ick;
 use super::wire::{sci_mac, AckOf, Active, Body, KeyRole, Message, NackReason, Nonce, Signer};
-use super::KeyId;
-use crate::config::{Link, Role};
+use super::{KeyId, Role};
 use crate::secret::SecretBytes;
 
 /// Settings of one link's exchange.
@@ -45,22 +44,6 @@ pub struct KeyxConfig {
 }
 
 impl KeyxConfig {
-    pub fn from_link(l: &Link, initial_seq: u64, incarnation: u64, local_sci: u64) -> Self {
-        Self {
-            role: l.role(),
-            local_sae: l.local_sae_id.clone(),
-            peer_sae: l.peer_sae_id.clone(),
-            retransmit_initial: l.keyx.retransmit_initial.get(),
-            retransmit_max: l.keyx.retransmit_max.get(),
-            hello_interval: l.keyx.hello_interval.get(),
-            availability_window: l.kme.availability_window.get(),
-            max_rx_per_sec: l.keyx.max_rx_per_sec,
-            initial_seq,
-            incarnation,
-            local_sci,
-        }
-    }
-
     /// How long the slave waits without an authenticated message from the master before it
     /// acts on unauthenticated ANNOUNCEs again: three HELLOs missed (MKA's peer life is three
     /// hello times too). A restarted master, which has no key in common with the slave, is heard

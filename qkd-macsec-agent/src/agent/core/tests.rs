@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::*;
-use crate::config::Config;
+use crate::config::{Config, Link};
 
 const A_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xA];
 const B_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xB];
@@ -160,8 +160,8 @@ impl World {
     fn with(profile: &str, cipher: &str, extra: &str) -> Self {
         let (la, lb) = links(profile, cipher, extra);
         let now = Instant::now();
-        let a = LinkCore::new(&la, start(A_MAC, 1_000), counter_nonce(), now);
-        let b = LinkCore::new(&lb, start(B_MAC, 5_000), counter_nonce(), now);
+        let a = LinkCore::new(la.core_config(), start(A_MAC, 1_000), counter_nonce(), now);
+        let b = LinkCore::new(lb.core_config(), start(B_MAC, 5_000), counter_nonce(), now);
         assert_eq!(a.role(), Role::Master);
         assert_eq!(b.role(), Role::Slave);
         Self {
@@ -613,7 +613,12 @@ fn restart_of_the_slave_rebootstraps() {
     assert!(w.in_sync());
     // The slave agent restarts: new core, same kernel state (adopted).
     let (_, lb) = links("sak", "gcm-aes-256", "");
-    w.b = LinkCore::new(&lb, start(B_MAC, 9_000), counter_nonce(), w.now);
+    w.b = LinkCore::new(
+        lb.core_config(),
+        start(B_MAC, 9_000),
+        counter_nonce(),
+        w.now,
+    );
     w.settle();
     // Without a record (see restart_with_a_record_*) the new slave cannot vouch for the running
     // SA's age, so it stalls its side.
@@ -658,10 +663,22 @@ fn restart_with_record(profile: &str, who: char) {
     let before = w.ka.tx_history.len();
     if who == 'a' {
         let adopt = adoption_of(&w.a, &w.ka, w.now);
-        w.a = LinkCore::new_adopted(&la, start(A_MAC, 9_000), counter_nonce(), adopt, w.now);
+        w.a = LinkCore::new_adopted(
+            la.core_config(),
+            start(A_MAC, 9_000),
+            counter_nonce(),
+            adopt,
+            w.now,
+        );
     } else {
         let adopt = adoption_of(&w.b, &w.kb, w.now);
-        w.b = LinkCore::new_adopted(&lb, start(B_MAC, 9_000), counter_nonce(), adopt, w.now);
+        w.b = LinkCore::new_adopted(
+            lb.core_config(),
+            start(B_MAC, 9_000),
+            counter_nonce(),
+            adopt,
+            w.now,
+        );
     }
     w.settle();
     let restarted = w.now;
@@ -726,7 +743,13 @@ fn adopted_key_lifetime_counts_from_when_it_became_active() {
     let (_, lb) = links("sak", "gcm-aes-256", "");
     let adopt = adoption_of(&w.b, &w.kb, w.now);
     let expires = w.b.active_since().unwrap() + Duration::from_secs(600);
-    w.b = LinkCore::new_adopted(&lb, start(B_MAC, 9_000), counter_nonce(), adopt, w.now);
+    w.b = LinkCore::new_adopted(
+        lb.core_config(),
+        start(B_MAC, 9_000),
+        counter_nonce(),
+        adopt,
+        w.now,
+    );
     w.settle();
     assert!(!w.kb.stall, "adopted without a stall");
     while !w.kb.stall && w.now < expires + Duration::from_secs(600) {
@@ -747,7 +770,13 @@ fn an_expired_record_stalls_at_once() {
     let (_, lb) = links("cak", "gcm-aes-256", "");
     let mut adopt = adoption_of(&w.b, &w.kb, w.now);
     adopt.age = Duration::from_secs(601);
-    w.b = LinkCore::new_adopted(&lb, start(B_MAC, 9_000), counter_nonce(), adopt, w.now);
+    w.b = LinkCore::new_adopted(
+        lb.core_config(),
+        start(B_MAC, 9_000),
+        counter_nonce(),
+        adopt,
+        w.now,
+    );
     w.settle();
     assert!(w.kb.stall, "a key past its lifetime is never adopted");
     assert!(w.b.is_stalled());
@@ -960,7 +989,7 @@ fn a_master_restarted_without_a_record_starts_after_the_kernels_an() {
             };
             let prepared = w.prepared.len();
             w.a = LinkCore::new_with_first_an(
-                &la,
+                la.core_config(),
                 Start {
                     used_keys: w.ka.ledger.clone(),
                     ..start(A_MAC, 10_000 * (i + 1))
@@ -1009,7 +1038,7 @@ fn restart_and_replay_with_a_reserving_kme(profile: &str, who: char) {
     if who == 'a' {
         let used = w.ka.ledger.clone();
         w.a = LinkCore::new(
-            &la,
+            la.core_config(),
             Start {
                 used_keys: used,
                 ..start(A_MAC, 9_000)
@@ -1022,7 +1051,7 @@ fn restart_and_replay_with_a_reserving_kme(profile: &str, who: char) {
     } else {
         let used = w.kb.ledger.clone();
         w.b = LinkCore::new(
-            &lb,
+            lb.core_config(),
             Start {
                 used_keys: used,
                 ..start(B_MAC, 9_000)
