@@ -20,7 +20,6 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use super::record::Adoption;
 use crate::keyx::machine::{Event as KxEvent, Keyx, KeyxConfig, LostReason};
 use crate::keyx::wire::{sci_mac, Active, KeyRole, NackReason};
 use crate::keyx::{KeyId, Role};
@@ -75,6 +74,19 @@ pub struct Start {
 /// The next PN every RX SA is installed with ([`Command::PrepareRx`]); the kernel raises it
 /// only for frames it validated ([`LinkCore::handle_rx_validated`]).
 pub const RX_SA_FIRST_PN: u64 = 1;
+
+/// What a restarted agent found running, vouched for by its record (`agent::record`, checked against
+/// the kernel): the key to adopt and how old it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Adoption {
+    pub key: KeyRef,
+    pub an: u8,
+    pub peer_mac: [u8; 6],
+    /// Age of the key now.
+    pub age: Duration,
+    /// Next PN of our TX SA, from the kernel.
+    pub tx_pn: u64,
+}
 
 /// A key the master's KME returned.
 #[derive(Debug)]
@@ -217,50 +229,52 @@ impl std::fmt::Debug for LinkCore {
     }
 }
 
-/// A snapshot for the status socket and logs (no key material). The JSON form is a versioned,
-/// documented schema (docs/status.md, [`crate::ops::status::STATUS_SCHEMA_VERSION`]): fields are
-/// only ever added; a rename or removal bumps the version.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Status {
-    pub schema_version: u32,
-    /// `secured`, `warning` (AKL past `warn_at`), `rekeying` (a rollover in progress) or `stalled`.
-    pub state: &'static str,
-    pub link: String,
-    pub role: &'static str,
-    pub profile: &'static str,
-    pub stalled: bool,
-    pub stall_reason: Option<String>,
-    pub active_key_id: Option<String>,
-    pub active_kn: Option<u32>,
-    pub active_an: Option<u8>,
+/// What a link is doing, for the operator (`ops` turns it into the status JSON and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    Secured,
+    /// The active key is past `warn_at` of its lifetime.
+    Warning,
+    /// A rollover is in progress.
+    Rekeying,
+    Stalled,
+}
+
+/// A typed snapshot of one link's control state (no key material, no presentation: `ops`
+/// owns the status schema and builds it from this when a client asks).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub state: LinkState,
+    pub label: String,
+    pub role: Role,
+    pub profile: ProfileKind,
+    pub stall_reason: Option<StallReason>,
+    /// The key and AN this gateway transmits with.
+    pub active: Option<(KeyRef, u8)>,
+    /// Fraction of the active key's lifetime used.
     pub used: Option<f64>,
     pub keys_held: usize,
-    pub anchor: Option<String>,
-    pub peer_mac: Option<String>,
+    pub anchor: Option<KeyId>,
+    pub peer_mac: Option<[u8; 6]>,
     pub alarms: u64,
-    pub last_report: Option<String>,
-    pub rollover_in_progress: bool,
-    /// The key_ID and AN of the rollover in progress.
-    pub next_key_id: Option<String>,
-    pub next_an: Option<u8>,
-    /// What is left of the active key's lifetime (absent while stalled).
-    pub akl_remaining_seconds: Option<f64>,
-    pub akl_remaining_frames: Option<u64>,
-    /// k of the sak profile (absent in the cak profile).
+    pub last_report: Option<Report>,
+    /// The key and AN of the rollover in progress.
+    pub next: Option<(KeyRef, u8)>,
+    /// Time and packet numbers left of the active key's lifetime.
+    pub remaining: Option<(Duration, u64)>,
+    /// k of the sak profile.
     pub key_buffer_capacity: Option<usize>,
     pub consecutive_fetch_failures: u32,
     pub warnings: u64,
     /// Keys this gateway switched its TX to since the agent started.
     pub rollovers: u64,
-    /// Master: from picking the SAK to both ends transmitting with it; slave: from the
-    /// INSTALL to its own switch.
-    pub last_rekey_ms: Option<f64>,
-    /// Filled by the IO layer (KME latency, data plane counters).
-    #[serde(flatten)]
-    pub io: crate::ops::status::IoStats,
+    /// Master: from picking the SAK to both ends transmitting with it; slave: from the INSTALL
+    /// to its own switch.
+    pub last_rekey: Option<Duration>,
 }
 
-fn mac_str(m: [u8; 6]) -> String {
+/// `02:00:00:00:00:0b`, for logs.
+pub fn mac_str(m: [u8; 6]) -> String {
     m.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
@@ -415,7 +429,7 @@ impl LinkCore {
         self.active_since().map(|s| s + self.wd.limits().max_age)
     }
 
-    pub fn status(&self, now: Instant) -> Status {
+    pub fn snapshot(&self, now: Instant) -> Snapshot {
         let next = match &self.roll {
             Roll::Idle => None,
             Roll::MasterPreparingRx { sak, an }
@@ -425,54 +439,36 @@ impl LinkCore {
             | Roll::SlaveActivatingTx { sak, an, .. } => Some((sak.key_ref, *an)),
         };
         let used = self.wd.used(now);
-        let remaining = self.wd.remaining(now);
         let state = if self.wd.is_stalled() {
-            "stalled"
+            LinkState::Stalled
         } else if used.is_some_and(|u| u >= self.wd.limits().warn_at) {
-            "warning"
+            LinkState::Warning
         } else if next.is_some() {
-            "rekeying"
+            LinkState::Rekeying
         } else {
-            "secured"
+            LinkState::Secured
         };
-        Status {
-            schema_version: crate::ops::status::STATUS_SCHEMA_VERSION,
+        Snapshot {
             state,
-            link: self.label.clone(),
-            role: match self.role {
-                Role::Master => "master",
-                Role::Slave => "slave",
-            },
-            profile: match self.kind {
-                ProfileKind::Cak => "cak",
-                ProfileKind::Sak => "sak",
-            },
-            stalled: self.wd.is_stalled(),
-            stall_reason: self.wd.stall_reason().map(|r| match r {
-                StallReason::NoKey => "no key installed yet".to_owned(),
-                StallReason::Exhausted(by) => format!("active key lifetime exhausted ({by:?})"),
-            }),
-            active_key_id: self.active.map(|(k, _)| k.key_id.to_string()),
-            active_kn: self.active.map(|(k, _)| k.kn),
-            active_an: self.active.map(|(_, an)| an),
+            label: self.label.clone(),
+            role: self.role,
+            profile: self.kind,
+            stall_reason: self.wd.stall_reason(),
+            active: self.active,
             used,
             keys_held: self.supply.held(),
-            anchor: self.keyx.anchor().map(|k| k.to_string()),
-            peer_mac: self.peer_mac.map(mac_str),
+            anchor: self.keyx.anchor(),
+            peer_mac: self.peer_mac,
             alarms: self.alarms,
-            last_report: self.last_report.as_ref().map(|r| format!("{r:?}")),
-            rollover_in_progress: !matches!(self.roll, Roll::Idle),
-            next_key_id: next.map(|(k, _)| k.key_id.to_string()),
-            next_an: next.map(|(_, an)| an),
-            akl_remaining_seconds: remaining.map(|(t, _)| t.as_secs_f64()),
-            akl_remaining_frames: remaining.map(|(_, f)| f),
+            last_report: self.last_report.clone(),
+            next,
+            remaining: self.wd.remaining(now),
             key_buffer_capacity: (self.kind == ProfileKind::Sak)
                 .then_some(self.supply.params().buffer),
             consecutive_fetch_failures: self.supply.consecutive_failures(),
             warnings: self.warnings,
             rollovers: self.rollovers,
-            last_rekey_ms: self.last_rekey.map(|d| d.as_secs_f64() * 1e3),
-            io: Default::default(),
+            last_rekey: self.last_rekey,
         }
     }
 

@@ -6,16 +6,15 @@
 //! stays in force (the data plane keeps its pins), so stopping the agent never opens the link.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 
-use super::core::{Command, FetchedKey, LinkCore, NonceSource, Start, Status, RX_SA_FIRST_PN};
+use super::core::{Adoption, Command, FetchedKey, LinkCore, NonceSource, Start, RX_SA_FIRST_PN};
 use super::ledger::Ledger;
-use super::record::{self, Adoption, KeyRecord};
+use super::record::{self, KeyRecord};
 use crate::certs::tls::TlsFiles;
 use crate::config::{Config, Link, Role};
 use crate::dataplane::{Dataplane, DataplaneEvent, DataplaneOptions, Direction};
@@ -79,35 +78,30 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 
 async fn run_async(cfg: Config) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let statuses: Arc<Mutex<Vec<Option<Status>>>> =
-        Arc::new(Mutex::new(vec![None; cfg.link.len()]));
+    let (hub, status_requests) = crate::ops::StatusHub::new(cfg.link.len());
     let status_gid = cfg
         .global
         .status_group
         .as_deref()
         .map(crate::ops::socket::resolve_group)
         .transpose()?;
-    let status_task = spawn_status_socket(
-        cfg.global.status_socket.clone(),
-        status_gid,
-        statuses.clone(),
-    )?;
+    let status_task =
+        spawn_status_socket(cfg.global.status_socket.clone(), status_gid, hub.clone())?;
     let metrics_task = match cfg.global.metrics_address {
-        Some(addr) => Some(crate::ops::metrics::serve(addr, statuses.clone()).await?.1),
+        Some(addr) => Some(crate::ops::metrics::serve(addr, hub.clone()).await?.1),
         None => None,
     };
     let alarms = crate::ops::alarm::AlarmSink::start(cfg.global.alarm_hook.clone());
     let _drop_caps = crate::privs::spawn_drop_when_started(cfg.link.len());
     let mut tasks = Vec::new();
-    for (i, link) in cfg.link.iter().enumerate() {
+    for ((i, link), status_rx) in cfg.link.iter().enumerate().zip(status_requests) {
         let link = link.clone();
         let global = cfg.global.clone();
         let stop = stop_rx.clone();
-        let statuses = statuses.clone();
         let alarms = alarms.clone();
         tasks.push(tokio::spawn(async move {
             let label = link.label().to_owned();
-            let r = run_link(i, link, global, stop, statuses, alarms).await;
+            let r = run_link(i, link, global, stop, status_rx, alarms).await;
             crate::privs::link_ready(i);
             if let Err(e) = &r {
                 tracing::error!(link = %label, error = format!("{e:#}"), "link stopped");
@@ -162,12 +156,12 @@ async fn futures_join<T>(
     out
 }
 
-/// Serves the statuses as one JSON array per connection (schema: docs/status.md). Mode 0660,
-/// root and `gid` only (crate::ops::socket).
+/// Serves the statuses as one JSON array per connection (schema: docs/status.md), asking every
+/// link for its status per connection. Mode 0660, root and `gid` only (crate::ops::socket).
 fn spawn_status_socket(
     path: PathBuf,
     gid: Option<u32>,
-    statuses: Arc<Mutex<Vec<Option<Status>>>>,
+    hub: crate::ops::StatusHub,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = crate::ops::socket::bind_status_socket(&path, gid)?;
     Ok(tokio::spawn(async move {
@@ -175,12 +169,13 @@ fn spawn_status_socket(
             let Ok((mut conn, _)) = listener.accept().await else {
                 continue;
             };
-            let body = {
-                let s = statuses.lock().unwrap_or_else(|p| p.into_inner());
-                serde_json::to_vec(&*s).unwrap_or_default()
-            };
-            let _ = conn.write_all(&body).await;
-            let _ = conn.write_all(b"\n").await;
+            let hub = hub.clone();
+            // Each client on its own task: one that reads slowly holds up nobody.
+            tokio::spawn(async move {
+                let body = serde_json::to_vec(&hub.collect().await).unwrap_or_default();
+                let _ = conn.write_all(&body).await;
+                let _ = conn.write_all(b"\n").await;
+            });
         }
     }))
 }
@@ -309,7 +304,7 @@ async fn run_link(
     link: Link,
     global: crate::config::Global,
     mut stop: watch::Receiver<bool>,
-    statuses: Arc<Mutex<Vec<Option<Status>>>>,
+    mut status_rx: mpsc::Receiver<crate::ops::StatusRequest>,
     alarms: crate::ops::alarm::AlarmSink,
 ) -> anyhow::Result<()> {
     let label = link.label().to_owned();
@@ -418,14 +413,15 @@ async fn run_link(
         io.sync_lldp_peer(&core);
         io.record(&core);
         io.key_deadline(&core);
-        if let Ok(mut s) = statuses.lock() {
-            s[index] = Some(io.ops.complete(core.status(Instant::now())));
-        }
+        io.ops.observe(&core.snapshot(Instant::now()));
         let wake = core
             .poll_timeout()
             .unwrap_or_else(|| Instant::now() + POLL_INTERVAL);
         tokio::select! {
             _ = stop.changed() => break,
+            Some(reply) = status_rx.recv() => {
+                let _ = reply.send(io.ops.status(&core.snapshot(Instant::now())));
+            }
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {
                 core.handle_timeout(Instant::now());
             }

@@ -397,8 +397,7 @@ impl Default for KeyxTiming {
     }
 }
 
-/// Longest SAE-ID accepted: it travels in every TLV (see keyx), which has 507 bytes in all.
-pub const MAX_SAE_ID_LEN: usize = 64;
+pub use crate::keyx::wire::MAX_SENDER_LEN as MAX_SAE_ID_LEN;
 
 impl Link {
     /// The label used in logs.

@@ -458,10 +458,10 @@ fn starts_stalled_then_bootstraps_in_sak_profile() {
     assert_eq!(w.b.active().unwrap(), (ka, an));
     assert_eq!(w.ka.tx[&an].0.len(), 32);
     assert!(w.ka.watched.contains(&an));
-    let st = w.a.status(w.now);
-    assert_eq!(st.role, "master");
-    assert!(!st.stalled);
-    assert_eq!(st.peer_mac.as_deref(), Some("02:00:00:00:00:0b"));
+    let st = w.a.snapshot(w.now);
+    assert_eq!(st.role, Role::Master);
+    assert_eq!(st.state, LinkState::Secured);
+    assert_eq!(st.peer_mac, Some(B_MAC));
 }
 
 #[test]
@@ -499,7 +499,7 @@ fn rolls_over_by_time_hitlessly_for_an_hour() {
 #[test]
 fn rolls_over_by_packet_number_before_time() {
     let mut w = World::with("sak", "gcm-aes-128", "max_pn = 100000");
-    let extra_ok = w.a.status(w.now).profile == "sak";
+    let extra_ok = w.a.snapshot(w.now).profile == ProfileKind::Sak;
     assert!(extra_ok);
     w.rate = 1000; // 1000 frames/s: 75 % of 100000 after 75 s, long before 450 s.
     w.run_for(Duration::from_secs(5));
@@ -516,7 +516,7 @@ fn kme_outage_drains_the_buffer_then_stalls_then_recovers() {
     w.run_for(Duration::from_secs(200));
     assert!(w.in_sync());
     assert_eq!(
-        w.a.status(w.now).keys_held,
+        w.a.snapshot(w.now).keys_held,
         3,
         "buffer k = 3 filled at f_QKD"
     );
@@ -632,8 +632,8 @@ fn restart_of_the_slave_rebootstraps() {
     assert!(
         w.in_sync(),
         "{:?} / {:?}",
-        w.a.status(w.now),
-        w.b.status(w.now)
+        w.a.snapshot(w.now),
+        w.b.snapshot(w.now)
     );
     let took = w.now - restarted;
     assert!(took <= Duration::from_secs(60), "recovery took {took:?}");
@@ -694,8 +694,8 @@ fn restart_with_record(profile: &str, who: char) {
     assert!(
         w.in_sync(),
         "{:?} / {:?}",
-        w.a.status(w.now),
-        w.b.status(w.now)
+        w.a.snapshot(w.now),
+        w.b.snapshot(w.now)
     );
     let took = w.ka.tx_history.len() > before;
     assert!(took, "{profile}/{who}: no rollover after the restart");
@@ -1005,8 +1005,8 @@ fn a_master_restarted_without_a_record_starts_after_the_kernels_an() {
             assert!(
                 w.in_sync(),
                 "{profile}: restart over AN {old} never re-keyed: {:?} / {:?}",
-                w.a.status(w.now),
-                w.b.status(w.now)
+                w.a.snapshot(w.now),
+                w.b.snapshot(w.now)
             );
             let aimed: Vec<u8> = w.prepared[prepared..].iter().map(|p| p.1).collect();
             assert!(
@@ -1086,8 +1086,8 @@ fn restart_and_replay_with_a_reserving_kme(profile: &str, who: char) {
     assert!(
         w.in_sync(),
         "{profile}/{who}: {:?} / {:?}",
-        w.a.status(w.now),
-        w.b.status(w.now)
+        w.a.snapshot(w.now),
+        w.b.snapshot(w.now)
     );
 }
 
@@ -1201,7 +1201,7 @@ fn the_master_counts_the_slaves_traffic_as_the_kernel_validated_it() {
             "{profile}: {:?}",
             w.reports
         );
-        let used = w.a.status(w.now).used.unwrap();
+        let used = w.a.snapshot(w.now).used.unwrap();
         assert!(used > 0.0, "{profile}: the master's watchdog saw no use");
     }
 }
@@ -1267,10 +1267,10 @@ fn only_the_active_an_of_a_validated_rx_figure_counts_against_the_key() {
     w.a.handle_rx_validated(other, u64::from(u32::MAX), now);
     w.settle();
     assert!(!w.a.is_stalled() && !w.ka.stall);
-    assert!(w.a.status(w.now).used.unwrap() < 0.1);
+    assert!(w.a.snapshot(w.now).used.unwrap() < 0.1);
     // 80 % of the default max_pn (0xC0000000) validated on the active AN: past rollover_at.
     w.a.handle_rx_validated(an, 0xC000_0000 / 10 * 8, now);
-    assert!(w.a.status(w.now).used.unwrap() >= 0.79);
+    assert!(w.a.snapshot(w.now).used.unwrap() >= 0.79);
     w.settle();
     assert!(!w.a.is_stalled());
     assert_ne!(
