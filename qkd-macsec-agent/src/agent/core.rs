@@ -113,8 +113,10 @@ pub enum Command {
     /// Install our TX SA on `an` and switch the encoding SA to it; answer with
     /// [`LinkCore::handle_tx_activated`].
     ActivateTx { an: u8, sak: Sak },
-    /// Deactivate and delete our old TX SA.
+    /// Deactivate and delete our old TX SA (never the encoding SA: the kernel refuses).
     RetireTx { an: u8 },
+    /// Delete the exhausted key's TX SA of a stalled link, even if it is still the encoding SA.
+    RemoveStalledTx { an: u8 },
     /// Deactivate and delete the peer's old RX SA.
     RetireRx { peer_mac: [u8; 6], an: u8 },
     /// Set (true) or clear the data plane's stall switch.
@@ -700,7 +702,11 @@ impl LinkCore {
             if self.active.map(|(_, a)| a) == Some(an) {
                 continue;
             }
-            self.commands.push_back(Command::RetireTx { an });
+            self.commands.push_back(if self.wd.is_stalled() {
+                Command::RemoveStalledTx { an }
+            } else {
+                Command::RetireTx { an }
+            });
             // A stalled link's exhausted key goes at once; an old key is accepted until the
             // peer has switched, but never beyond the key's lifetime counted from its
             // activation (not from the switch away from it).

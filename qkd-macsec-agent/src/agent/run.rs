@@ -92,17 +92,17 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
         None => None,
     };
     let alarms = crate::ops::alarm::AlarmSink::start(cfg.global.alarm_hook.clone());
-    let _drop_caps = crate::privs::spawn_drop_when_started(cfg.link.len());
+    let (startup_tokens, drop_caps) = crate::privs::drop_when_started(cfg.link.len());
     let mut tasks = Vec::new();
-    for ((i, link), status_rx) in cfg.link.iter().enumerate().zip(status_requests) {
+    for ((link, status_rx), startup) in cfg.link.iter().zip(status_requests).zip(startup_tokens) {
         let link = link.clone();
         let global = cfg.global.clone();
         let stop = stop_rx.clone();
         let alarms = alarms.clone();
         tasks.push(tokio::spawn(async move {
             let label = link.label().to_owned();
-            let r = run_link(i, link, global, stop, status_rx, alarms).await;
-            crate::privs::link_ready(i);
+            // The token goes with the link: ready once it started, dropped if it failed first.
+            let r = run_link(link, global, stop, status_rx, startup, alarms).await;
             if let Err(e) = &r {
                 tracing::error!(link = %label, error = format!("{e:#}"), "link stopped");
             }
@@ -113,9 +113,23 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
         .context("installing the SIGTERM handler")?;
     let all = futures_join(tasks);
     tokio::pin!(all);
+    // Completes only if dropping privileges after start-up failed: then everything stops.
+    let drop_failed = async {
+        match drop_caps.await {
+            Ok(Ok(())) => std::future::pending().await,
+            Ok(Err(e)) => anyhow::Error::new(e).context("dropping capabilities after start-up"),
+            Err(e) => anyhow::anyhow!("the capability drop task failed: {e}"),
+        }
+    };
+    let mut errors = Vec::new();
     let result = tokio::select! {
         _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); None }
         _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); None }
+        e = drop_failed => {
+            tracing::error!(error = format!("{e:#}"), "stopping");
+            errors.push(e);
+            None
+        }
         r = &mut all => Some(r),
     };
     let _ = stop_tx.send(true);
@@ -127,22 +141,29 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
     if let Some(t) = metrics_task {
         t.abort();
     }
-    let _ = std::fs::remove_file(&cfg.global.status_socket);
-    let mut first_err = None;
+    if let Err(e) = std::fs::remove_file(&cfg.global.status_socket) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            errors.push(anyhow::Error::new(e).context(format!(
+                "removing the status socket {}",
+                cfg.global.status_socket.display()
+            )));
+        }
+    }
+    // Every link's outcome is reported, not only the first failure.
     for r in results {
         match r {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                first_err.get_or_insert(e);
-            }
-            Err(join) => {
-                first_err.get_or_insert(anyhow::anyhow!("link task panicked: {join}"));
-            }
+            Ok(Err(e)) => errors.push(e),
+            Err(join) => errors.push(anyhow::anyhow!("link task panicked: {join}")),
         }
     }
-    match first_err {
-        Some(e) => Err(e),
-        None => Ok(()),
+    match errors.len() {
+        0 => Ok(()),
+        1 => Err(errors.remove(0)),
+        n => {
+            let all: Vec<String> = errors.iter().map(|e| format!("{e:#}")).collect();
+            Err(anyhow::anyhow!("{n} failures: {}", all.join("; ")))
+        }
     }
 }
 
@@ -283,6 +304,9 @@ struct LinkIo {
     lldp: LldpSender,
     kme: KmeClient,
     kme_tx: mpsc::Sender<KmeResult>,
+    /// KME requests in flight: owned by the link, so they end with it (dropping the set aborts
+    /// them) and never answer a link that is gone.
+    kme_tasks: tokio::task::JoinSet<()>,
     xpn: bool,
     peer_mac: Option<[u8; 6]>,
     /// The peer MAC the data plane's rate limiter gives its own bucket (see `sync_lldp_peer`).
@@ -300,11 +324,11 @@ struct LinkIo {
 }
 
 async fn run_link(
-    index: usize,
     link: Link,
     global: crate::config::Global,
     mut stop: watch::Receiver<bool>,
     mut status_rx: mpsc::Receiver<crate::ops::StatusRequest>,
+    mut startup: crate::privs::StartupToken,
     alarms: crate::ops::alarm::AlarmSink,
 ) -> anyhow::Result<()> {
     let label = link.label().to_owned();
@@ -395,6 +419,7 @@ async fn run_link(
         lldp,
         kme,
         kme_tx,
+        kme_tasks: tokio::task::JoinSet::new(),
         xpn: link.cipher.is_xpn(),
         ops: crate::ops::LinkOps::new(&label, alarms),
         peer_mac: adopted_peer,
@@ -406,9 +431,11 @@ async fn run_link(
         ledger,
     };
     tracing::info!(link = %label, role = ?io.role, lower = %link.lower_interface, macsec = %link.macsec_interface, "link started");
-    crate::privs::link_ready(index);
+    startup.ready();
     let mut poll = tokio::time::interval(POLL_INTERVAL);
     loop {
+        // Reap finished KME requests (their results came through `kme_rx`).
+        while io.kme_tasks.try_join_next().is_some() {}
         io.execute(&mut core);
         io.sync_lldp_peer(&core);
         io.record(&core);
@@ -622,17 +649,13 @@ impl LinkIo {
                     let kme = self.kme.clone();
                     let tx = self.kme_tx.clone();
                     let slave = self.peer_sae.clone();
-                    tokio::spawn(async move {
+                    self.kme_tasks.spawn(async move {
                         let started = Instant::now();
                         let r = kme.enc_keys(&slave, 1, Some((size_bytes * 8) as u32)).await;
                         let meta = FetchMeta::of(started, &r);
                         let r = r.map_err(|e| e.to_string()).and_then(|mut keys| {
                             let k = keys.pop().ok_or_else(|| "KME returned no key".to_owned())?;
-                            let key_id =
-                                k.id.hyphenated()
-                                    .to_string()
-                                    .parse::<KeyId>()
-                                    .map_err(|e| e.to_string())?;
+                            let key_id = KeyId(k.id.into_bytes());
                             Ok(FetchedKey {
                                 key_id,
                                 key: k.material,
@@ -646,7 +669,7 @@ impl LinkIo {
                     let kme = self.kme.clone();
                     let tx = self.kme_tx.clone();
                     let master = self.peer_sae.clone();
-                    tokio::spawn(async move {
+                    self.kme_tasks.spawn(async move {
                         let uuid = uuid::Uuid::from_bytes(key_id.0);
                         let started = Instant::now();
                         let r = kme
@@ -737,16 +760,15 @@ impl LinkIo {
                     core.handle_tx_activated(an, r.map(|_| ()).map_err(|e| e.to_string()), now);
                 }
                 Command::RetireTx { an } => {
-                    let r = An::new(an).and_then(|a| {
-                        if core.is_stalled() {
-                            // The exhausted key's SA goes even if it is the encoding SA.
-                            self.macsec.remove_stalled_tx(&self.mlink, a)
-                        } else {
-                            self.macsec.retire_tx(&self.mlink, a)
-                        }
-                    });
+                    let r = An::new(an).and_then(|a| self.macsec.retire_tx(&self.mlink, a));
                     if let Err(e) = r {
                         tracing::warn!(link = %self.label, an, error = %e, "retiring TX SA failed");
+                    }
+                }
+                Command::RemoveStalledTx { an } => {
+                    let r = An::new(an).and_then(|a| self.macsec.remove_stalled_tx(&self.mlink, a));
+                    if let Err(e) = r {
+                        tracing::warn!(link = %self.label, an, error = %e, "removing the exhausted TX SA failed");
                     }
                 }
                 Command::RetireRx { peer_mac, an } => {

@@ -310,8 +310,12 @@ impl World {
                 core.handle_tx_activated(an, Ok(()), now);
             }
             Command::RetireTx { an } => {
-                let live = k.encoding == Some(an) && !k.stall && k.tx.get(&an).is_some_and(|t| t.1);
+                let live = k.encoding == Some(an) && k.tx.get(&an).is_some_and(|t| t.1);
                 assert!(!live, "never retire the live TX SA");
+                k.tx.remove(&an);
+            }
+            Command::RemoveStalledTx { an } => {
+                assert!(k.stall, "RemoveStalledTx on a link that is not stalled");
                 k.tx.remove(&an);
             }
             Command::RetireRx { an, .. } => {
