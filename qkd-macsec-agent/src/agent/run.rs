@@ -308,7 +308,6 @@ struct LinkIo {
     /// them) and never answer a link that is gone.
     kme_tasks: tokio::task::JoinSet<()>,
     xpn: bool,
-    peer_mac: Option<[u8; 6]>,
     /// The peer MAC the data plane's rate limiter gives its own bucket (see `sync_lldp_peer`).
     dp_peer: Option<[u8; 6]>,
     ops: crate::ops::LinkOps,
@@ -422,7 +421,6 @@ async fn run_link(
         kme_tasks: tokio::task::JoinSet::new(),
         xpn: link.cipher.is_xpn(),
         ops: crate::ops::LinkOps::new(&label, alarms),
-        peer_mac: adopted_peer,
         dp_peer: adopted_peer,
         tx_kernel_key_id: adopted_kid,
         state_dir: global.state_dir.clone(),
@@ -641,47 +639,14 @@ impl LinkIo {
         }
     }
 
+    /// Carries out every command the core has queued, in order, feeding results back to it.
     fn execute(&mut self, core: &mut LinkCore) {
         while let Some(c) = core.poll_command() {
             let now = Instant::now();
             match c {
-                Command::FetchEncKey { size_bytes } => {
-                    let kme = self.kme.clone();
-                    let tx = self.kme_tx.clone();
-                    let slave = self.peer_sae.clone();
-                    self.kme_tasks.spawn(async move {
-                        let started = Instant::now();
-                        let r = kme.enc_keys(&slave, 1, Some((size_bytes * 8) as u32)).await;
-                        let meta = FetchMeta::of(started, &r);
-                        let r = r.map_err(|e| e.to_string()).and_then(|mut keys| {
-                            let k = keys.pop().ok_or_else(|| "KME returned no key".to_owned())?;
-                            let key_id = KeyId(k.id.into_bytes());
-                            Ok(FetchedKey {
-                                key_id,
-                                key: k.material,
-                                slave_deadline: k.slave_deadline,
-                            })
-                        });
-                        let _ = tx.send(KmeResult::Enc(r, meta)).await;
-                    });
-                }
+                Command::FetchEncKey { size_bytes } => self.fetch_enc_key(size_bytes),
                 Command::FetchDecKey { key_id, size_bytes } => {
-                    let kme = self.kme.clone();
-                    let tx = self.kme_tx.clone();
-                    let master = self.peer_sae.clone();
-                    self.kme_tasks.spawn(async move {
-                        let uuid = uuid::Uuid::from_bytes(key_id.0);
-                        let started = Instant::now();
-                        let r = kme
-                            .dec_key(&master, uuid, Some((size_bytes * 8) as u32))
-                            .await;
-                        let meta = FetchMeta::of(started, &r);
-                        let r = r.map(|k| k.material).map_err(|e| {
-                            tracing::warn!(%key_id, error = %e, "dec_keys failed");
-                            nack_of(&e)
-                        });
-                        let _ = tx.send(KmeResult::Dec(key_id, r, meta)).await;
-                    });
+                    self.fetch_dec_key(key_id, size_bytes)
                 }
                 Command::SendTlv(p) => {
                     if let Err(e) = self.lldp.send_lldpdu(&p, LLDP_TTL, self.oui, self.subtype) {
@@ -689,75 +654,14 @@ impl LinkIo {
                     }
                 }
                 Command::PrepareRx { peer_mac, an, sak } => {
-                    // Every key's first SA is this one (master and slave both prepare RX
-                    // before anything transmits with it): on record first, or not at all.
-                    if let Err(e) = self.ledger.record(sak.key_ref.key_id) {
-                        tracing::error!(link = %self.label, error = %e, "cannot record the key as used; not installing it");
-                        core.handle_rx_prepared(
-                            an,
-                            Err(format!("recording the key in the ledger: {e}")),
-                            now,
-                        );
-                        continue;
-                    }
-                    self.peer_mac = Some(peer_mac);
                     let active_an = core.active().map(|(_, a)| a);
-                    let key = sa_key(sak, self.role, false);
-                    let r = An::new(an).and_then(|a| {
-                        let peer = sci(peer_mac);
-                        match self
-                            .macsec
-                            .prepare_rx(&self.mlink, peer, a, &key, RX_SA_FIRST_PN)
-                        {
-                            // Left over from a rollover that failed half way (or from before a
-                            // restart). Never the AN we receive on now, so it carries nothing.
-                            Err(macsec::MacsecError::SaOccupied { .. })
-                                if active_an != Some(an) =>
-                            {
-                                tracing::info!(link = %self.label, an, "replacing a stale RX SA");
-                                self.macsec.retire_rx(&self.mlink, peer, a)?;
-                                self.macsec
-                                    .prepare_rx(&self.mlink, peer, a, &key, RX_SA_FIRST_PN)
-                            }
-                            r => r,
-                        }
-                    });
-                    core.handle_rx_prepared(an, r.map(|_| ()).map_err(|e| e.to_string()), now);
+                    let r = self.prepare_rx(peer_mac, an, sak, active_an);
+                    core.handle_rx_prepared(an, r, now);
                 }
                 Command::ActivateTx { an, sak } => {
-                    let kid = macsec::KeyId(sak.kernel_key_id);
-                    self.tx_kernel_key_id = Some((an, sak.kernel_key_id));
                     let active_an = core.active().map(|(_, a)| a);
-                    let key = sa_key(sak, self.role, true);
-                    let r = An::new(an).and_then(|a| {
-                        let confirmed = PeerRxConfirmation::from_peer(a, kid);
-                        match self
-                            .macsec
-                            .activate_tx(&mut self.mlink, a, &key, &confirmed)
-                        {
-                            // A stale TX SA on an AN that is not our active key's: remove,
-                            // then retry.
-                            Err(macsec::MacsecError::SaOccupied { .. })
-                                if active_an != Some(an) =>
-                            {
-                                if a == self.mlink.encoding_sa {
-                                    // Still the kernel's encoding SA (left by a previous agent,
-                                    // or set by someone else): `retire_tx` refuses that one, and
-                                    // a retry would meet it again. It is no key of ours: remove
-                                    // it as an exhausted one; the switch below follows at once.
-                                    tracing::warn!(link = %self.label, an, "replacing a stale TX SA that is still the encoding SA");
-                                    self.macsec.remove_stalled_tx(&self.mlink, a)?;
-                                } else {
-                                    tracing::info!(link = %self.label, an, "replacing a stale TX SA");
-                                    self.macsec.retire_tx(&self.mlink, a)?;
-                                }
-                                self.macsec
-                                    .activate_tx(&mut self.mlink, a, &key, &confirmed)
-                            }
-                            r => r,
-                        }
-                    });
-                    core.handle_tx_activated(an, r.map(|_| ()).map_err(|e| e.to_string()), now);
+                    let r = self.activate_tx(an, sak, active_an);
+                    core.handle_tx_activated(an, r.map_err(|e| e.to_string()), now);
                 }
                 Command::RetireTx { an } => {
                     let r = An::new(an).and_then(|a| self.macsec.retire_tx(&self.mlink, a));
@@ -797,21 +701,7 @@ impl LinkIo {
                     an,
                     peer_mac,
                     tx_thresholds,
-                } => {
-                    // Thresholds on our TX SA only. The RX SA is counted for the statistics
-                    // and explicitly disarmed (registering keeps what a pinned map holds, e.g.
-                    // thresholds an older agent armed): its frames are unauthenticated in XDP.
-                    let [tx, rx] = self.sa_keys(an, peer_mac);
-                    for (key, thresholds) in [(tx, &tx_thresholds[..]), (rx, &[][..])] {
-                        let r = self
-                            .dp
-                            .register_sa(key, self.xpn, 0)
-                            .and_then(|_| self.dp.set_thresholds(&key, thresholds));
-                        if let Err(e) = r {
-                            tracing::error!(link = %self.label, sa = %key, error = %e, "cannot watch SA");
-                        }
-                    }
-                }
+                } => self.watch_sa(an, peer_mac, &tx_thresholds),
                 Command::UnwatchSa { an, peer_mac } => {
                     for key in self.sa_keys(an, peer_mac) {
                         let _ = self.dp.unregister_sa(&key);
@@ -819,6 +709,138 @@ impl LinkIo {
                 }
                 // Logged with a stable identifier (docs/alarms.md), hook run, status updated.
                 Command::Report(r) => self.ops.report(&r),
+            }
+        }
+    }
+
+    /// `enc_keys` for one key, answered through `kme_rx`.
+    fn fetch_enc_key(&mut self, size_bytes: usize) {
+        let kme = self.kme.clone();
+        let tx = self.kme_tx.clone();
+        let slave = self.peer_sae.clone();
+        self.kme_tasks.spawn(async move {
+            let started = Instant::now();
+            let r = kme.enc_keys(&slave, 1, Some((size_bytes * 8) as u32)).await;
+            let meta = FetchMeta::of(started, &r);
+            let r = r.map_err(|e| e.to_string()).and_then(|mut keys| {
+                let k = keys.pop().ok_or_else(|| "KME returned no key".to_owned())?;
+                Ok(FetchedKey {
+                    key_id: KeyId(k.id.into_bytes()),
+                    key: k.material,
+                    slave_deadline: k.slave_deadline,
+                })
+            });
+            let _ = tx.send(KmeResult::Enc(r, meta)).await;
+        });
+    }
+
+    /// `dec_keys` for `key_id`, answered through `kme_rx`.
+    fn fetch_dec_key(&mut self, key_id: KeyId, size_bytes: usize) {
+        let kme = self.kme.clone();
+        let tx = self.kme_tx.clone();
+        let master = self.peer_sae.clone();
+        self.kme_tasks.spawn(async move {
+            let started = Instant::now();
+            let r = kme
+                .dec_key(
+                    &master,
+                    uuid::Uuid::from_bytes(key_id.0),
+                    Some((size_bytes * 8) as u32),
+                )
+                .await;
+            let meta = FetchMeta::of(started, &r);
+            let r = r.map(|k| k.material).map_err(|e| {
+                tracing::warn!(%key_id, error = %e, "dec_keys failed");
+                nack_of(&e)
+            });
+            let _ = tx.send(KmeResult::Dec(key_id, r, meta)).await;
+        });
+    }
+
+    /// The peer's RX SA at `an`. Every key's first SA is this one (master and slave both
+    /// prepare RX before anything transmits with it), so the key goes on the ledger first, or
+    /// nothing is installed.
+    fn prepare_rx(
+        &mut self,
+        peer_mac: [u8; 6],
+        an: u8,
+        sak: Sak,
+        active_an: Option<u8>,
+    ) -> Result<(), String> {
+        if let Err(e) = self.ledger.record(sak.key_ref.key_id) {
+            tracing::error!(link = %self.label, error = %e, "cannot record the key as used; not installing it");
+            return Err(format!("recording the key in the ledger: {e}"));
+        }
+        let key = sa_key(sak, self.role, false);
+        let r = An::new(an).and_then(|a| {
+            let peer = sci(peer_mac);
+            match self
+                .macsec
+                .prepare_rx(&self.mlink, peer, a, &key, RX_SA_FIRST_PN)
+            {
+                // Left over from a rollover that failed half way (or from before a restart).
+                // Never the AN we receive on now, so it carries nothing.
+                Err(macsec::MacsecError::SaOccupied { .. }) if active_an != Some(an) => {
+                    tracing::info!(link = %self.label, an, "replacing a stale RX SA");
+                    self.macsec.retire_rx(&self.mlink, peer, a)?;
+                    self.macsec
+                        .prepare_rx(&self.mlink, peer, a, &key, RX_SA_FIRST_PN)
+                }
+                r => r,
+            }
+        });
+        r.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// Our TX SA at `an`, and the switch of the encoding SA to it.
+    fn activate_tx(
+        &mut self,
+        an: u8,
+        sak: Sak,
+        active_an: Option<u8>,
+    ) -> Result<(), macsec::MacsecError> {
+        let kid = macsec::KeyId(sak.kernel_key_id);
+        self.tx_kernel_key_id = Some((an, sak.kernel_key_id));
+        let key = sa_key(sak, self.role, true);
+        let a = An::new(an)?;
+        let confirmed = PeerRxConfirmation::from_peer(a, kid);
+        match self
+            .macsec
+            .activate_tx(&mut self.mlink, a, &key, &confirmed)
+        {
+            // A stale TX SA on an AN that is not our active key's: remove, then retry.
+            Err(macsec::MacsecError::SaOccupied { .. }) if active_an != Some(an) => {
+                if a == self.mlink.encoding_sa {
+                    // Still the kernel's encoding SA (left by a previous agent, or set by
+                    // someone else): `retire_tx` refuses that one, and a retry would meet it
+                    // again. It is no key of ours: remove it as an exhausted one; the switch
+                    // below follows at once.
+                    tracing::warn!(link = %self.label, an, "replacing a stale TX SA that is still the encoding SA");
+                    self.macsec.remove_stalled_tx(&self.mlink, a)?;
+                } else {
+                    tracing::info!(link = %self.label, an, "replacing a stale TX SA");
+                    self.macsec.retire_tx(&self.mlink, a)?;
+                }
+                self.macsec
+                    .activate_tx(&mut self.mlink, a, &key, &confirmed)
+                    .map(|_| ())
+            }
+            r => r.map(|_| ()),
+        }
+    }
+
+    /// Counts our TX SA and the peer's RX SA on `an`. Thresholds on our TX SA only: the RX SA
+    /// is counted for the statistics and explicitly disarmed (registering keeps what a pinned
+    /// map holds, e.g. thresholds an older agent armed): its frames are unauthenticated in XDP.
+    fn watch_sa(&mut self, an: u8, peer_mac: [u8; 6], tx_thresholds: &[u64]) {
+        let [tx, rx] = self.sa_keys(an, peer_mac);
+        for (key, thresholds) in [(tx, tx_thresholds), (rx, &[][..])] {
+            let r = self
+                .dp
+                .register_sa(key, self.xpn, 0)
+                .and_then(|_| self.dp.set_thresholds(&key, thresholds));
+            if let Err(e) = r {
+                tracing::error!(link = %self.label, sa = %key, error = %e, "cannot watch SA");
             }
         }
     }
@@ -851,7 +873,7 @@ impl LinkIo {
                 if let Some(sa) = st.tx_sa(st.encoding_sa) {
                     core.handle_sa_state(sa.an.get(), sa.active, sa.next_pn, now);
                 }
-                if let (Some((_, an)), Some(peer)) = (core.active(), self.peer_mac) {
+                if let (Some((_, an)), Some(peer)) = (core.active(), core.peer_mac()) {
                     let rx = An::new(an)
                         .ok()
                         .and_then(|a| st.rx_sc(sci(peer))?.sa(a).map(|sa| sa.next_pn));
@@ -862,7 +884,7 @@ impl LinkIo {
             }
             Err(e) => tracing::warn!(link = %self.label, error = %e, "reading MACsec state failed"),
         }
-        if let (Some((_, an)), Some(peer)) = (core.active(), self.peer_mac) {
+        if let (Some((_, an)), Some(peer)) = (core.active(), core.peer_mac()) {
             let [tx, _] = self.sa_keys(an, peer);
             if let Ok(c) = self.dp.sa_counters(&tx) {
                 if c.highest_pn > 0 {
