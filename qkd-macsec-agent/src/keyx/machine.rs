@@ -441,16 +441,7 @@ impl Keyx {
                 });
             }
             Err(reason) => {
-                self.send(
-                    self.anchor,
-                    Body::Nack {
-                        key_id,
-                        role,
-                        kn,
-                        reason,
-                    },
-                    echo,
-                );
+                self.send_nack(self.anchor, key_id, role, kn, reason, echo);
             }
         }
         Ok(())
@@ -484,16 +475,9 @@ impl Keyx {
                     echo,
                 );
             }
-            Err(reason) => self.send(
-                self.auth_for_nack(key_id),
-                Body::Nack {
-                    key_id,
-                    role,
-                    kn,
-                    reason,
-                },
-                echo,
-            ),
+            Err(reason) => {
+                self.send_nack(self.auth_for_nack(key_id), key_id, role, kn, reason, echo)
+            }
         }
         Ok(())
     }
@@ -765,6 +749,25 @@ impl Keyx {
         }
     }
 
+    /// A NACK of `key_id` for `reason`, bound to the peer incarnation `echo`.
+    fn send_nack(
+        &mut self,
+        auth: Option<KeyId>,
+        key_id: KeyId,
+        role: KeyRole,
+        kn: u32,
+        reason: NackReason,
+        echo: u64,
+    ) {
+        let body = Body::Nack {
+            key_id,
+            role,
+            kn,
+            reason,
+        };
+        self.send(auth, body, echo);
+    }
+
     /// `echo`: the peer incarnation the message answers or is bound to (0 = none).
     fn send(&mut self, auth: Option<KeyId>, body: Body, echo: u64) {
         let msg = Message {
@@ -944,16 +947,7 @@ impl Keyx {
         if !self.retired.contains(&key_id) {
             return false;
         }
-        self.send(
-            self.anchor,
-            Body::Nack {
-                key_id,
-                role,
-                kn,
-                reason: NackReason::Retired,
-            },
-            echo,
-        );
+        self.send_nack(self.anchor, key_id, role, kn, NackReason::Retired, echo);
         true
     }
 
@@ -1030,14 +1024,12 @@ impl Keyx {
             return;
         }
         if !self.icks.contains_key(&key_id) {
-            self.send(
+            self.send_nack(
                 self.anchor,
-                Body::Nack {
-                    key_id,
-                    role,
-                    kn,
-                    reason: NackReason::UnknownKey,
-                },
+                key_id,
+                role,
+                kn,
+                NackReason::UnknownKey,
                 master_incarnation,
             );
             return;
@@ -1053,14 +1045,12 @@ impl Keyx {
         // key as the master means it; the master drops it on this NACK.
         if echo != self.cfg.incarnation {
             self.stats.stale += 1;
-            self.send(
+            self.send_nack(
                 self.auth_for_nack(key_id),
-                Body::Nack {
-                    key_id,
-                    role,
-                    kn,
-                    reason: NackReason::UnknownKey,
-                },
+                key_id,
+                role,
+                kn,
+                NackReason::UnknownKey,
                 master_incarnation,
             );
             return;
