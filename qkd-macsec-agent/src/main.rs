@@ -4,6 +4,12 @@
 use clap::{CommandFactory, Parser, Subcommand};
 use qkd_macsec_agent::{certs, etsi014, kmesim};
 
+/// Every heap block is wiped when freed: key plaintext passes through buffers of hyper, rustls
+/// and serde_json that our zeroizing types cannot reach (qkd_macsec_agent::zalloc).
+#[global_allocator]
+static GLOBAL: qkd_macsec_agent::zalloc::ZeroingAlloc =
+    qkd_macsec_agent::zalloc::Zeroing(std::alloc::System);
+
 #[derive(Parser)]
 #[command(
     name = "qkd-macsec-agent",
@@ -18,6 +24,15 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent: key every configured link's MACsec from QKD and watch its key lifetime.
+    ///
+    /// Key material is kept out of core dumps and swap. At start the agent sets
+    /// PR_SET_DUMPABLE to 0: no core dump is written, and ptrace or /proc/PID/mem need
+    /// CAP_SYS_PTRACE. It locks its memory (mlockall, pages locked as they are touched) when
+    /// RLIMIT_MEMLOCK is unlimited or may be raised to unlimited; otherwise it logs one warning
+    /// that swap may hold key material (the packaged unit sets LimitMEMLOCK=infinity and
+    /// LimitCORE=0). Every heap block is wiped when it is freed, including the buffers of the
+    /// TLS and HTTP layers that carried keys from the KME; docs/operator-guide.md, section 6, says
+    /// what stays in memory until it is reused.
     Run(qkd_macsec_agent::agent::run::RunArgs),
     /// Show each link of the running agent: state, key IDs, AKL left, key supply, counters.
     Status(qkd_macsec_agent::ops::client::StatusArgs),

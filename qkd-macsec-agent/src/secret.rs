@@ -1,4 +1,16 @@
 //! Key material: zeroized on drop, never shown by Debug, never serialised by accident.
+//!
+//! What [`SecretBytes`] wipes: its own heap buffer, when it is dropped, spare capacity included
+//! (the zeroize crate clears the whole allocation). Moving it copies no key byte (only the
+//! pointer moves), and it has no method that grows (and so reallocates) the buffer.
+//!
+//! What it cannot wipe: the source of [`SecretBytes::from_slice`] (the caller wipes it), copies
+//! made from [`SecretBytes::expose`] (a cipher's key schedule, a KDF's state; the netlink request
+//! that carries a key to the kernel is zeroizing, docs/macsec.md), buffers the key passed through
+//! before it got here (the ETSI 014 client's module docs trace those), and stack temporaries. In
+//! the agent binary the global allocator ([`crate::zalloc`]) wipes every heap block when it is
+//! freed, so a heap copy nobody wiped is gone at the latest when its owner frees it; while it
+//! lives, `run` keeps it out of core dumps and swap ([`crate::privs::protect_key_memory`]).
 
 use zeroize::{Zeroize, ZeroizeOnDrop};
 

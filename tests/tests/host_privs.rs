@@ -184,10 +184,10 @@ fn run_agent(cfg: &Path) -> (bool, String) {
     )
 }
 
-#[test]
-fn agent_refuses_exposed_key_and_config_files() {
-    require_root("chown to another user");
-    let d = TempDir::new("files");
+/// A config in `d` whose KME client key is `d/kme.key` (mode 600) and whose state and ledger
+/// directories are `d/state` and `d/ledger`; the link's interface does not exist, so an agent
+/// that passes every file check stops at the network.
+fn write_config(d: &TempDir) -> (PathBuf, PathBuf) {
     let key = d.0.join("kme.key");
     std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\n").unwrap();
     let cfg = d.0.join("gw.toml");
@@ -197,6 +197,8 @@ fn agent_refuses_exposed_key_and_config_files() {
             r#"[global]
 status_socket = "{dir}/gw.sock"
 bpffs_pin_dir = "{dir}/bpf"
+state_dir = "{dir}/state"
+ledger_dir = "{dir}/ledger"
 [[link]]
 lower_interface = "qkdprivs-none0"
 macsec_interface = "qkdprivs-m0"
@@ -213,6 +215,16 @@ key = "{key}"
         ),
     )
     .unwrap();
+    chmod(&key, 0o600);
+    chmod(&cfg, 0o600);
+    (cfg, key)
+}
+
+#[test]
+fn agent_refuses_exposed_key_and_config_files() {
+    require_root("chown to another user");
+    let d = TempDir::new("files");
+    let (cfg, key) = write_config(&d);
     chmod(&cfg, 0o644);
 
     chmod(&key, 0o640);
@@ -261,5 +273,54 @@ key = "{key}"
     assert!(
         !err.contains("chmod") && !err.contains("chown"),
         "file checks still fail after the fix: {err}"
+    );
+}
+
+/// Issue 17 item 5: the ledger of used keys and the key record are refused when another user
+/// could have written them (a shortened ledger lets a key be installed twice; a rewritten record
+/// extends an adopted key's lifetime), with the fix named.
+#[test]
+fn agent_refuses_state_that_others_could_have_written() {
+    require_root("chown to another user");
+    let d = TempDir::new("state");
+    let (cfg, _) = write_config(&d);
+    let ledger = d.0.join("ledger");
+    std::fs::create_dir(&ledger).unwrap();
+
+    chmod(&ledger, 0o777);
+    let (ok, err) = run_agent(&cfg);
+    assert!(!ok, "agent started with a world-writable ledger directory");
+    assert!(
+        err.contains(&ledger.display().to_string())
+            && err.contains("0777")
+            && err.contains("chmod go-w"),
+        "{err}"
+    );
+
+    chmod(&ledger, 0o700);
+    std::os::unix::fs::chown(&ledger, Some(4242), None).unwrap();
+    let (ok, err) = run_agent(&cfg);
+    assert!(
+        !ok,
+        "agent started with a ledger directory owned by uid 4242"
+    );
+    assert!(
+        err.contains("uid 4242") && err.contains("chown root"),
+        "{err}"
+    );
+    std::os::unix::fs::chown(&ledger, Some(0), None).unwrap();
+
+    // A ledger file planted as a symlink.
+    let elsewhere = d.0.join("elsewhere");
+    std::fs::write(&elsewhere, "").unwrap();
+    std::os::unix::fs::symlink(&elsewhere, ledger.join("qkdprivs-m0.used-keys")).unwrap();
+    let (ok, err) = run_agent(&cfg);
+    assert!(!ok && err.contains("symlink"), "{err}");
+    std::fs::remove_file(ledger.join("qkdprivs-m0.used-keys")).unwrap();
+
+    let (_, err) = run_agent(&cfg);
+    assert!(
+        !err.contains("chmod") && !err.contains("chown") && !err.contains("symlink"),
+        "state checks still fail after the fix: {err}"
     );
 }

@@ -104,6 +104,8 @@ fn config(
 [global]
 bpffs_pin_dir = "{bpf}/qkd-{me}"
 status_socket = "{dir}/{me}.sock"
+state_dir = "{dir}/{me}.state"
+ledger_dir = "{dir}/{me}.ledger"
 log_level = "debug"
 
 [[link]]

@@ -2,7 +2,8 @@
 //! the slave, under a UDP stream in both directions. The kernel keeps the SAs while the agent is
 //! gone and the restarted agent adopts them: not one frame is lost while the keys are valid, and
 //! rollovers continue afterwards. And with both agents killed for good, the keys still expire
-//! on time: the data plane enforces the deadline the agents left it.
+//! on time: the data plane enforces the deadline the agents left it. And a master restarted
+//! without a record it can adopt re-keys whichever AN the previous agent transmitted on.
 
 use std::time::{Duration, Instant};
 
@@ -11,7 +12,7 @@ use qkd_macsec_agent::dataplane::monotonic_ns;
 use qkd_macsec_common::{DataplaneConfig, MAP_CONFIG};
 use qkd_macsec_tests::require_macsec;
 use qkd_macsec_tests::testbed::{
-    ChangeKind, LinkSpec, Running, Side, TestbedOptions, LOWER_IF, SECURE_TIMEOUT,
+    ChangeKind, LinkSpec, LinkView, Running, Side, TestbedOptions, LOWER_IF, SECURE_TIMEOUT,
 };
 
 /// Timing slack under TCG: the monitor samples every 50 ms, the emulated VM was seen to freeze
@@ -199,6 +200,155 @@ fn a_killed_agents_key_still_expires_on_time() {
         "no ping after re-keying\n{}",
         run.bed.logs_tail(40)
     );
+}
+
+/// Issue 17, item 4: a master restarted without a record it can adopt (none, stale, or not
+/// matching the kernel; here: deleted) cannot vouch for the SA the kernel transmits with. It used
+/// to pick AN 0 for its first rollover whatever the kernel held, and when the previous agent had
+/// transmitted on AN 0 that rollover failed on the occupied AN, the key was dropped and the next
+/// attempt picked AN 0 again: the link never re-keyed. For each AN as the old encoding SA: kill
+/// the master, delete its record, restart it; the link must be secured again with a fresh key,
+/// without a string of failed rollovers in the master's log.
+///
+/// The kernel state before each restart is the real one (the previous agent transmitted on that
+/// AN, the slave too, with the same key): the first key goes on AN 0, and a restarted master
+/// continues on the AN after the one the kernel used (docs/protocol.md 3.2/3.3), so four
+/// restarts walk AN 0, 1, 2, 3. Keys live long (no rollover of their own, none expires), so
+/// every re-key seen is the restart's.
+#[test]
+fn a_master_restarted_without_a_record_rekeys_from_every_an() {
+    require_macsec();
+    let mut spec = LinkSpec::fast("cak");
+    spec.akl_max_age = "600s".into();
+    spec.akl_rollover_at = 0.9;
+    spec.akl_warn_at = 0.95;
+    spec.key_request_interval = "20s".into();
+    spec.cak_lifetime = "900s".into();
+    let mut run = Running::up(
+        "norecord",
+        &TestbedOptions::default(),
+        &spec,
+        SECURE_TIMEOUT,
+    );
+    let master = Side::BOTH
+        .into_iter()
+        .find(|s| {
+            run.bed
+                .agent_status(*s)
+                .is_some_and(|st| st[0]["role"] == "master")
+        })
+        .expect("one agent reports role master");
+    let state_dir = run.bed.files[master as usize].state_dir.clone();
+    let test_start = Instant::now();
+    for an in 0..4u8 {
+        run.bed.kill9_agent(master);
+        let old = LinkView::from_secy(run.bed.secy(master).as_ref());
+        assert!(
+            old.encoding_an == Some(an) && old.tx_active,
+            "{}: expected the previous agent's active encoding SA on AN {an}, the kernel has {old:?}\n{}",
+            master.label(),
+            run.bed.logs_tail(40)
+        );
+        // No record: the restarted agent has nothing that vouches for the running key.
+        let removed = remove_records(&state_dir);
+        assert!(
+            removed > 0,
+            "{}: no key record in {} to remove (the previous agent had an active key)",
+            master.label(),
+            state_dir.display()
+        );
+        let log_from = run.bed.agent_log(master).len();
+        let restarted = Instant::now();
+        run.bed.start_agent(master, "info");
+        let m = master as usize;
+        run.wait_for(
+            &format!("the link re-keyed after a restart over AN {an} without a record"),
+            SECURE_TIMEOUT,
+            |s| {
+                let (a, b) = (&s.latest[m], &s.latest[1 - m]);
+                a.secured()
+                    && b.secured()
+                    && a.tx_key.is_some()
+                    && a.tx_key != old.tx_key
+                    && a.tx_key == b.rx_key
+                    && b.tx_key == a.rx_key
+            },
+        );
+        let took = restarted.elapsed();
+        let new = run.monitor.snapshot(|s| s.latest[m].clone());
+        let log = run.bed.agent_log(master);
+        let log = &log[log_from.min(log.len())..];
+        let failed = log.matches("rollover failed").count();
+        eprintln!(
+            "old encoding SA on AN {an}: re-keyed in {:.1} s, TX key {} (AN {an}) -> {} (AN {:?}), {failed} failed rollover(s)",
+            took.as_secs_f64(),
+            old.tx_key_short(),
+            new.tx_key_short(),
+            new.encoding_an
+        );
+        assert!(
+            log.contains("removed the SAs the previous agent left"),
+            "{}: no word of removing the unvouched SAs after the restart over AN {an}\n{}",
+            master.label(),
+            run.bed.logs_tail(60)
+        );
+        assert!(
+            failed <= 1,
+            "{}: {failed} failed rollovers after the restart over AN {an}\n{}",
+            master.label(),
+            run.bed.logs_tail(60)
+        );
+        let replies = run.bed.ping(master, 3, "0.2");
+        assert!(
+            replies > 0,
+            "no ping after re-keying over AN {an}\n{}",
+            run.bed.logs_tail(40)
+        );
+        // The previous key's SAs retire 2 s after the switch (RETIRE_GRACE) on both sides; the
+        // next restart then finds the same kind of state a restart long after a switch finds.
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    eprintln!(
+        "four restarts without a record: {:.1} s",
+        test_start.elapsed().as_secs_f64()
+    );
+    // Issue 17, item 5, seen from outside: both running agents (root in the VM, which may raise
+    // RLIMIT_MEMLOCK) locked their memory and said so.
+    for side in Side::BOTH {
+        let pid = run.bed.agent_pid(side).expect("agent running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let locked_kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmLck:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmLck line");
+        eprintln!("{}: VmLck {locked_kb} kB", side.label());
+        assert!(locked_kb > 0, "{}: agent memory not locked", side.label());
+        assert!(
+            run.bed
+                .agent_log(side)
+                .contains("core dumps off, memory locked"),
+            "{}: no word of the memory protection\n{}",
+            side.label(),
+            run.bed.logs_tail(20)
+        );
+    }
+}
+
+/// Deletes every key record in `dir`; returns how many there were.
+fn remove_records(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().ends_with(".key.json") {
+            std::fs::remove_file(e.path())
+                .unwrap_or_else(|err| panic!("removing {}: {err}", e.path().display()));
+            n += 1;
+        }
+    }
+    n
 }
 
 /// The key deadline in `side`'s pinned data plane config map (CLOCK_MONOTONIC ns, 0 = none).

@@ -375,6 +375,63 @@ fn every_operation_is_idempotent_where_meant_and_typed_where_refused() {
     assert!(matches!(m.state(l), Err(MacsecError::InterfaceGone { .. })));
 }
 
+/// `clear_sas`, what a restarted agent without a usable record does to the previous agent's keys:
+/// every TX SA (the active encoding SA included), every RX SA and every RX SC goes, the SecY stays;
+/// a second call finds nothing and succeeds; a vanished link is a typed failure.
+#[test]
+fn clear_sas_removes_every_sa_and_channel_and_is_idempotent() {
+    require_macsec();
+    let mut p = pair("clr", Cipher::GcmAes128, 1, 1);
+    let (tx, rx) = ping(&p.a, &p.b, 2, "0.2");
+    assert_eq!((tx, rx), (2, 2), "the pair passes traffic before");
+    let (m, l) = (&mut p.a.mx, &mut p.a.link);
+    let peer = p.b.link.sci;
+    let other = qkd_macsec_agent::macsec::Sci::from_mac_port([2, 0, 0, 0, 0, 0x77], 1);
+    m.add_tx_sa(l, an(2), 1, &key(Cipher::GcmAes128, 7, SSCI_A), false)
+        .expect("inactive TX SA 2");
+    m.add_rx_sa(l, peer, an(3), 1, &key(Cipher::GcmAes128, 8, SSCI_B), true)
+        .expect("RX SA 3");
+    m.add_rx_sc(l, other).expect("second RX SC");
+    m.add_rx_sa(l, other, an(1), 1, &key(Cipher::GcmAes128, 9, SSCI_B), true)
+        .expect("RX SA on the second SC");
+
+    let cleared = m.clear_sas(l).expect("clear");
+    assert_eq!(
+        cleared
+            .tx_sas
+            .iter()
+            .map(|(a, _)| a.get())
+            .collect::<Vec<_>>(),
+        [0, 2],
+        "{cleared}"
+    );
+    assert_eq!(cleared.rx_sas.len(), 3, "{cleared}");
+    assert_eq!(cleared.rx_scs.len(), 2, "{cleared}");
+    let st = m.state(l).expect("state");
+    assert!(st.tx_sas.is_empty() && st.rx_scs.is_empty(), "{st:?}");
+    assert_eq!(st.encoding_sa, an(0), "the SecY and its encoding AN stay");
+    assert!(!st.operational, "no encoding SA left to transmit with");
+    assert!(m.find_link("msa").expect("lookup").is_some());
+    let show = ip_show(&p.a);
+    assert!(
+        !show.contains(": PN "),
+        "iproute2 still sees an SA:\n{show}"
+    );
+    let (tx, rx) = ping(&p.b, &p.a, 2, "0.2");
+    assert_eq!((tx, rx), (2, 0), "nothing crosses a SecY without SAs");
+
+    let (m, l) = (&mut p.a.mx, &mut p.a.link);
+    assert!(m.clear_sas(l).expect("again").is_empty(), "idempotent");
+    m.delete_link("msa").expect("delete link");
+    match m.clear_sas(l) {
+        Err(e) => assert!(
+            matches!(e.failures[..], [MacsecError::InterfaceGone { .. }]),
+            "{e}"
+        ),
+        Ok(c) => panic!("clearing a deleted link succeeded: {c}"),
+    }
+}
+
 fn macsec_dmesg_lines() -> usize {
     let out = std::process::Command::new("dmesg").output().expect("dmesg");
     String::from_utf8_lossy(&out.stdout)

@@ -59,6 +59,11 @@ fn area_jobs(area: &str) -> Vec<Where> {
         "agent" => vec![
             // Per-message cost of the key exchange against AES-CMAC (host).
             Where::Host(vec![agent, "bench-agent".into()]),
+            // The agent's zeroing allocator against the system allocator (host).
+            Where::Host(vec![util::repo_root()
+                .join("target/release/qkd-macsec-bench-alloc")
+                .to_string_lossy()
+                .into_owned()]),
             // Two real agents with 16 links each in the MACsec VM: start-to-secure, rekey
             // latency, rollovers, lost frames, RSS and CPU.
             Where::Vm(util::sh_quote(
@@ -86,7 +91,12 @@ pub fn run(area: &str) -> Result<()> {
         .args(["build", "--release", "-p", "qkd-macsec-agent"])
         // --bin applies to every -p: name both binaries, or the agent's is not built.
         .args(["-p", "qkd-macsec-tests", "--bin", "qkd-macsec-agent"])
-        .args(["--bin", "qkd-macsec-bench-agent"])
+        .args([
+            "--bin",
+            "qkd-macsec-bench-agent",
+            "--bin",
+            "qkd-macsec-bench-alloc",
+        ])
         .current_dir(util::repo_root());
     util::run(&mut build)?;
     // Every area runs even when an earlier one fails; a failure (or an area with nothing

@@ -20,12 +20,10 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use super::record::Adoption;
-use crate::config::{Link, ProfileKind, Role};
 use crate::keyx::machine::{Event as KxEvent, Keyx, KeyxConfig, LostReason};
 use crate::keyx::wire::{sci_mac, Active, KeyRole, NackReason};
-use crate::keyx::KeyId;
-use crate::profile::{KeySupply, Params, ProfileError, Sak, SupplyAction};
+use crate::keyx::{KeyId, Role};
+use crate::profile::{KeySupply, Params, ProfileError, ProfileKind, Sak, SupplyAction};
 use crate::secret::SecretBytes;
 use crate::watchdog::{Action as WdAction, Alarm, KeyRef, Limits, StallReason, Watchdog};
 
@@ -35,8 +33,28 @@ pub const RETIRE_GRACE: Duration = Duration::from_secs(2);
 /// Fills a buffer from a cryptographically secure random source (KS-nonces).
 pub type NonceSource = Box<dyn FnMut(&mut [u8]) + Send>;
 
+/// Delay before the next rollover attempt after one failed; it doubles with every further
+/// failure up to [`ROLLOVER_RETRY_MAX`] and is reset by a rollover that completes. Each attempt
+/// costs a key (sak profile) or a KN, so a peer that keeps refusing must not make the master
+/// spend them as fast as it can (seen: 20 attempts a second).
+pub const ROLLOVER_RETRY_INITIAL: Duration = Duration::from_secs(1);
+pub const ROLLOVER_RETRY_MAX: Duration = Duration::from_secs(16);
+
 /// Least time between two rollovers triggered by a peer that reports no active key.
 pub const PEER_RESET_HOLDOFF: Duration = Duration::from_secs(10);
+
+/// One link's settings in the logic's own types (the config schema translates into it:
+/// `config::Link::core_config`).
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// For logs and the status.
+    pub label: String,
+    /// The exchange's settings; its `initial_seq`, `incarnation` and `local_sci` are taken from
+    /// [`Start`].
+    pub keyx: KeyxConfig,
+    pub profile: Params,
+    pub limits: Limits,
+}
 
 /// What the IO layer knows at start that the core cannot make up.
 #[derive(Debug, Clone, Default)]
@@ -51,6 +69,23 @@ pub struct Start {
     /// `agent::ledger`): never fetched, announced or installed again, whatever a KME or a
     /// replayed message offers.
     pub used_keys: Vec<KeyId>,
+}
+
+/// The next PN every RX SA is installed with ([`Command::PrepareRx`]); the kernel raises it
+/// only for frames it validated ([`LinkCore::handle_rx_validated`]).
+pub const RX_SA_FIRST_PN: u64 = 1;
+
+/// What a restarted agent found running, vouched for by its record (`agent::record`, checked against
+/// the kernel): the key to adopt and how old it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Adoption {
+    pub key: KeyRef,
+    pub an: u8,
+    pub peer_mac: [u8; 6],
+    /// Age of the key now.
+    pub age: Duration,
+    /// Next PN of our TX SA, from the kernel.
+    pub tx_pn: u64,
 }
 
 /// A key the master's KME returned.
@@ -78,19 +113,24 @@ pub enum Command {
     /// Install our TX SA on `an` and switch the encoding SA to it; answer with
     /// [`LinkCore::handle_tx_activated`].
     ActivateTx { an: u8, sak: Sak },
-    /// Deactivate and delete our old TX SA.
+    /// Deactivate and delete our old TX SA (never the encoding SA: the kernel refuses).
     RetireTx { an: u8 },
+    /// Delete the exhausted key's TX SA of a stalled link, even if it is still the encoding SA.
+    RemoveStalledTx { an: u8 },
     /// Deactivate and delete the peer's old RX SA.
     RetireRx { peer_mac: [u8; 6], an: u8 },
     /// Set (true) or clear the data plane's stall switch.
     SetStall(bool),
     /// Mark our TX SA on `an` inactive in the kernel.
     DeactivateTx { an: u8 },
-    /// Count our TX SA and the peer's RX SA on `an` and report PN crossings of `thresholds`.
+    /// Count our TX SA and the peer's RX SA on `an`; report PN crossings of `tx_thresholds` on
+    /// our TX SA (answer with [`LinkCore::handle_tx_pn`]). The peer's RX SA is counted for
+    /// statistics only and never armed: XDP sees its frames before the kernel checks their
+    /// ICV, and anyone on the wire can send frames with the peer's SCI and any PN.
     WatchSa {
         an: u8,
         peer_mac: [u8; 6],
-        thresholds: [u64; 3],
+        tx_thresholds: [u64; 3],
     },
     /// Stop counting the SAs on `an`.
     UnwatchSa { an: u8, peer_mac: [u8; 6] },
@@ -137,6 +177,10 @@ pub struct LinkCore {
     nonce: NonceSource,
     roll: Roll,
     rollover_wanted: bool,
+    /// No rollover attempt before this (after a failed one), and the delay after the next
+    /// failure ([`ROLLOVER_RETRY_INITIAL`]).
+    retry_at: Option<Instant>,
+    retry_delay: Duration,
     /// Roll over as soon as the next fetched key is confirmed (the peer lost its keys).
     rollover_on_confirm: bool,
     /// The key and AN we transmit with.
@@ -158,8 +202,12 @@ pub struct LinkCore {
     /// master's old SA until the master has switched too, however late its ACK arrives.
     rx_retire: Vec<(u8, [u8; 6], Instant)>,
     /// The AN the peer transmits on, as far as we know (its ACK, its authenticated HELLO, or
-    /// frames counted on our RX SA).
+    /// frames the kernel validated on our RX SA).
     peer_on_an: Option<u8>,
+    /// The last kernel RX SA figure (AN, next PN) given to [`LinkCore::handle_rx_validated`]:
+    /// only frames validated since then on the same AN are fresh evidence of the AN the peer
+    /// transmits on. `None`: no baseline (the next figure only sets one).
+    rx_validated: Option<(u8, u64)>,
     /// When the rollover in progress began (master: the SAK was picked; slave: INSTALL).
     roll_started: Option<Instant>,
     /// Keys switched to since start, and how long the last switch took end to end.
@@ -183,50 +231,52 @@ impl std::fmt::Debug for LinkCore {
     }
 }
 
-/// A snapshot for the status socket and logs (no key material). The JSON form is a versioned,
-/// documented schema (docs/status.md, [`crate::ops::status::STATUS_SCHEMA_VERSION`]): fields are
-/// only ever added; a rename or removal bumps the version.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Status {
-    pub schema_version: u32,
-    /// `secured`, `warning` (AKL past `warn_at`), `rekeying` (a rollover in progress) or `stalled`.
-    pub state: &'static str,
-    pub link: String,
-    pub role: &'static str,
-    pub profile: &'static str,
-    pub stalled: bool,
-    pub stall_reason: Option<String>,
-    pub active_key_id: Option<String>,
-    pub active_kn: Option<u32>,
-    pub active_an: Option<u8>,
+/// What a link is doing, for the operator (`ops` turns it into the status JSON and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    Secured,
+    /// The active key is past `warn_at` of its lifetime.
+    Warning,
+    /// A rollover is in progress.
+    Rekeying,
+    Stalled,
+}
+
+/// A typed snapshot of one link's control state (no key material, no presentation: `ops`
+/// owns the status schema and builds it from this when a client asks).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub state: LinkState,
+    pub label: String,
+    pub role: Role,
+    pub profile: ProfileKind,
+    pub stall_reason: Option<StallReason>,
+    /// The key and AN this gateway transmits with.
+    pub active: Option<(KeyRef, u8)>,
+    /// Fraction of the active key's lifetime used.
     pub used: Option<f64>,
     pub keys_held: usize,
-    pub anchor: Option<String>,
-    pub peer_mac: Option<String>,
+    pub anchor: Option<KeyId>,
+    pub peer_mac: Option<[u8; 6]>,
     pub alarms: u64,
-    pub last_report: Option<String>,
-    pub rollover_in_progress: bool,
-    /// The key_ID and AN of the rollover in progress.
-    pub next_key_id: Option<String>,
-    pub next_an: Option<u8>,
-    /// What is left of the active key's lifetime (absent while stalled).
-    pub akl_remaining_seconds: Option<f64>,
-    pub akl_remaining_frames: Option<u64>,
-    /// k of the sak profile (absent in the cak profile).
+    pub last_report: Option<Report>,
+    /// The key and AN of the rollover in progress.
+    pub next: Option<(KeyRef, u8)>,
+    /// Time and packet numbers left of the active key's lifetime.
+    pub remaining: Option<(Duration, u64)>,
+    /// k of the sak profile.
     pub key_buffer_capacity: Option<usize>,
     pub consecutive_fetch_failures: u32,
     pub warnings: u64,
     /// Keys this gateway switched its TX to since the agent started.
     pub rollovers: u64,
-    /// Master: from picking the SAK to both ends transmitting with it; slave: from the
-    /// INSTALL to its own switch.
-    pub last_rekey_ms: Option<f64>,
-    /// Filled by the IO layer (KME latency, data plane counters).
-    #[serde(flatten)]
-    pub io: crate::ops::status::IoStats,
+    /// Master: from picking the SAK to both ends transmitting with it; slave: from the INSTALL
+    /// to its own switch.
+    pub last_rekey: Option<Duration>,
 }
 
-fn mac_str(m: [u8; 6]) -> String {
+/// `02:00:00:00:00:0b`, for logs.
+pub fn mac_str(m: [u8; 6]) -> String {
     m.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
@@ -244,8 +294,26 @@ fn nack_for(e: &ProfileError) -> NackReason {
 impl LinkCore {
     /// `start`: see [`Start`]. `nonce` fills KS-nonces (CAK profile) from a cryptographic
     /// random source.
-    pub fn new(link: &Link, start: Start, nonce: NonceSource, now: Instant) -> Self {
-        let mut core = Self::build(link, start, nonce, now);
+    pub fn new(cfg: CoreConfig, start: Start, nonce: NonceSource, now: Instant) -> Self {
+        let mut core = Self::build(cfg, start, nonce, now);
+        core.pump(now);
+        core
+    }
+
+    /// As [`LinkCore::new`], for a restarted agent that could not adopt the kernel's SAs and
+    /// removed them: the first rollover tries `first_an` first (then the ANs after it), so it
+    /// does not land on the AN the peer may still transmit on with the old key, which the peer
+    /// would refuse (docs/protocol.md 3.3, "Restart").
+    pub fn new_with_first_an(
+        cfg: CoreConfig,
+        start: Start,
+        nonce: NonceSource,
+        first_an: u8,
+        now: Instant,
+    ) -> Self {
+        let mut core = Self::build(cfg, start, nonce, now);
+        // `next_an` starts after `last_an`.
+        core.last_an = Some((first_an + 3) % 4);
         core.pump(now);
         core
     }
@@ -256,13 +324,13 @@ impl LinkCore {
     /// because the key bytes died with the previous agent (no SAK can be derived from a CAK we
     /// no longer hold, and no rollover can reuse the adopted key).
     pub fn new_adopted(
-        link: &Link,
+        cfg: CoreConfig,
         start: Start,
         nonce: NonceSource,
         adoption: Adoption,
         now: Instant,
     ) -> Self {
-        let mut core = Self::build(link, start, nonce, now);
+        let mut core = Self::build(cfg, start, nonce, now);
         match now.checked_sub(adoption.age) {
             Some(since) => {
                 let Adoption {
@@ -286,31 +354,34 @@ impl LinkCore {
         core
     }
 
-    fn build(link: &Link, start: Start, nonce: NonceSource, now: Instant) -> Self {
-        let params = Params::from_link(link);
-        let tolerated = match link.profile {
-            ProfileKind::Cak => link.cak.tolerated_failures,
-            // A full buffer rides out k failed requests.
-            ProfileKind::Sak => link.sak.buffer,
-        };
-        let mut keyx = Keyx::new(
-            KeyxConfig::from_link(link, start.initial_seq, start.incarnation, start.local_sci),
-            now,
-        );
+    fn build(cfg: CoreConfig, start: Start, nonce: NonceSource, now: Instant) -> Self {
+        let CoreConfig {
+            label,
+            keyx: mut kc,
+            profile,
+            limits,
+        } = cfg;
+        kc.initial_seq = start.initial_seq;
+        kc.incarnation = start.incarnation;
+        kc.local_sci = start.local_sci;
+        let role = kc.role;
+        let mut keyx = Keyx::new(kc, now);
         for k in start.used_keys {
             keyx.retire(k);
         }
         Self {
-            label: link.label().to_owned(),
-            role: link.role(),
-            kind: link.profile,
-            key_len: params.qkd_key_len(),
+            label,
+            role,
+            kind: profile.kind,
+            key_len: profile.qkd_key_len(),
             keyx,
-            supply: KeySupply::new(params, now),
-            wd: Watchdog::new(Limits::from_config(&link.akl, link.cipher, tolerated)),
+            supply: KeySupply::new(profile, now),
+            wd: Watchdog::new(limits),
             nonce,
             roll: Roll::Idle,
             rollover_wanted: false,
+            retry_at: None,
+            retry_delay: ROLLOVER_RETRY_INITIAL,
             rollover_on_confirm: false,
             active: None,
             last_an: None,
@@ -320,6 +391,7 @@ impl LinkCore {
             retire_at: Vec::new(),
             rx_retire: Vec::new(),
             peer_on_an: None,
+            rx_validated: None,
             roll_started: None,
             rollovers: 0,
             last_rekey: None,
@@ -359,7 +431,7 @@ impl LinkCore {
         self.active_since().map(|s| s + self.wd.limits().max_age)
     }
 
-    pub fn status(&self, now: Instant) -> Status {
+    pub fn snapshot(&self, now: Instant) -> Snapshot {
         let next = match &self.roll {
             Roll::Idle => None,
             Roll::MasterPreparingRx { sak, an }
@@ -369,54 +441,36 @@ impl LinkCore {
             | Roll::SlaveActivatingTx { sak, an, .. } => Some((sak.key_ref, *an)),
         };
         let used = self.wd.used(now);
-        let remaining = self.wd.remaining(now);
         let state = if self.wd.is_stalled() {
-            "stalled"
+            LinkState::Stalled
         } else if used.is_some_and(|u| u >= self.wd.limits().warn_at) {
-            "warning"
+            LinkState::Warning
         } else if next.is_some() {
-            "rekeying"
+            LinkState::Rekeying
         } else {
-            "secured"
+            LinkState::Secured
         };
-        Status {
-            schema_version: crate::ops::status::STATUS_SCHEMA_VERSION,
+        Snapshot {
             state,
-            link: self.label.clone(),
-            role: match self.role {
-                Role::Master => "master",
-                Role::Slave => "slave",
-            },
-            profile: match self.kind {
-                ProfileKind::Cak => "cak",
-                ProfileKind::Sak => "sak",
-            },
-            stalled: self.wd.is_stalled(),
-            stall_reason: self.wd.stall_reason().map(|r| match r {
-                StallReason::NoKey => "no key installed yet".to_owned(),
-                StallReason::Exhausted(by) => format!("active key lifetime exhausted ({by:?})"),
-            }),
-            active_key_id: self.active.map(|(k, _)| k.key_id.to_string()),
-            active_kn: self.active.map(|(k, _)| k.kn),
-            active_an: self.active.map(|(_, an)| an),
+            label: self.label.clone(),
+            role: self.role,
+            profile: self.kind,
+            stall_reason: self.wd.stall_reason(),
+            active: self.active,
             used,
             keys_held: self.supply.held(),
-            anchor: self.keyx.anchor().map(|k| k.to_string()),
-            peer_mac: self.peer_mac.map(mac_str),
+            anchor: self.keyx.anchor(),
+            peer_mac: self.peer_mac,
             alarms: self.alarms,
-            last_report: self.last_report.as_ref().map(|r| format!("{r:?}")),
-            rollover_in_progress: !matches!(self.roll, Roll::Idle),
-            next_key_id: next.map(|(k, _)| k.key_id.to_string()),
-            next_an: next.map(|(_, an)| an),
-            akl_remaining_seconds: remaining.map(|(t, _)| t.as_secs_f64()),
-            akl_remaining_frames: remaining.map(|(_, f)| f),
+            last_report: self.last_report.clone(),
+            next,
+            remaining: self.wd.remaining(now),
             key_buffer_capacity: (self.kind == ProfileKind::Sak)
                 .then_some(self.supply.params().buffer),
             consecutive_fetch_failures: self.supply.consecutive_failures(),
             warnings: self.warnings,
             rollovers: self.rollovers,
-            last_rekey_ms: self.last_rekey.map(|d| d.as_secs_f64() * 1e3),
-            io: Default::default(),
+            last_rekey: self.last_rekey,
         }
     }
 
@@ -507,6 +561,7 @@ impl LinkCore {
                     }
                     Err(e) => {
                         self.rollover_failed(
+                            now,
                             format!("INSTALL of {} refused locally: {e}", kr.key_id),
                             an,
                             Some(kr),
@@ -516,7 +571,12 @@ impl LinkCore {
                 }
             }
             (Roll::MasterPreparingRx { sak, an: a }, Err(e)) if a == an => {
-                self.rollover_failed(format!("installing RX SA {an}: {e}"), an, Some(sak.key_ref));
+                self.rollover_failed(
+                    now,
+                    format!("installing RX SA {an}: {e}"),
+                    an,
+                    Some(sak.key_ref),
+                );
                 Roll::Idle
             }
             (Roll::SlavePreparingRx { sak, an: a, role }, Ok(())) if a == an => {
@@ -556,6 +616,7 @@ impl LinkCore {
             }
             (Roll::MasterActivatingTx { sak, an: a }, Err(e)) if a == an => {
                 self.rollover_failed(
+                    now,
                     format!("switching TX to SA {an}: {e}"),
                     an,
                     Some(sak.key_ref),
@@ -589,10 +650,37 @@ impl LinkCore {
         self.pump(now);
     }
 
-    /// The PN of an SA on `an` (ours or the peer's: the SAK is shared, so either direction
-    /// uses up its lifetime).
-    pub fn handle_pn(&mut self, an: u8, pn: u64, now: Instant) {
+    /// The PN of **our own** TX SA on `an`: from the TC egress counters of the frames this
+    /// gateway sent (a threshold event or the poll) or from the kernel's TX SA. Never a figure
+    /// of the peer's frames: those count only as the kernel validated them
+    /// ([`LinkCore::handle_rx_validated`]).
+    pub fn handle_tx_pn(&mut self, an: u8, pn: u64, now: Instant) {
         self.wd.handle_pn(an, pn, now);
+        self.pump(now);
+    }
+
+    /// The kernel's RX SA of the peer on `an` shows `next_pn`. Kernel MACsec (macsec.c,
+    /// `macsec_post_decrypt`) advances an RX SA's next PN only for frames that passed the ICV
+    /// and replay checks, so this is the peer's use of the key as far as it is proven: the SAK
+    /// is shared, so it uses up the key's lifetime like our own frames do. Frames validated
+    /// between two calls for the same `an` tell us the peer transmitted on `an` meanwhile (its
+    /// old RX SA may go); the figure itself, which may date from before the peer switched AN,
+    /// tells nothing.
+    ///
+    /// Only ever the kernel's figure: the data plane's RX counters (XDP) count frames before
+    /// the kernel checks their ICV, and the SCI, AN and PN they are keyed by travel in the
+    /// clear. One forged frame with a high PN would otherwise exhaust the key and stall the
+    /// link, or retire an RX SA the peer still transmits on.
+    pub fn handle_rx_validated(&mut self, an: u8, next_pn: u64, now: Instant) {
+        self.wd.handle_pn(an, next_pn.saturating_sub(1), now);
+        let fresh = self
+            .rx_validated
+            .is_some_and(|(a, pn)| a == an && next_pn > pn);
+        self.rx_validated = Some((an, next_pn));
+        if fresh {
+            self.peer_on_an = Some(an);
+            self.retire_rx_when_peer_switched(now);
+        }
         self.pump(now);
     }
 
@@ -614,20 +702,17 @@ impl LinkCore {
             if self.active.map(|(_, a)| a) == Some(an) {
                 continue;
             }
-            self.commands.push_back(Command::RetireTx { an });
+            self.commands.push_back(if self.wd.is_stalled() {
+                Command::RemoveStalledTx { an }
+            } else {
+                Command::RetireTx { an }
+            });
             // A stalled link's exhausted key goes at once; an old key is accepted until the
             // peer has switched, but never beyond the key's lifetime counted from its
             // activation (not from the switch away from it).
             let give_up = if self.wd.is_stalled() { now } else { expiry };
             self.rx_retire.push((an, peer_mac, give_up));
         }
-        self.retire_rx_when_peer_switched(now);
-        self.pump(now);
-    }
-
-    /// Frames from the peer were counted on our RX SA at `an`: the peer transmits on it.
-    pub fn handle_peer_rx(&mut self, an: u8, now: Instant) {
-        self.peer_on_an = Some(an);
         self.retire_rx_when_peer_switched(now);
         self.pump(now);
     }
@@ -653,6 +738,7 @@ impl LinkCore {
             self.wd.poll_timeout(),
             self.retire_at.iter().map(|(t, ..)| *t).min(),
             self.rx_retire.iter().map(|(.., t)| *t).min(),
+            self.retry_at,
         ]
         .into_iter()
         .flatten()
@@ -684,6 +770,8 @@ impl LinkCore {
         };
         self.wd.handle_activated_since(key, an, since, now);
         self.rollover_wanted = false;
+        self.retry_at = None;
+        self.retry_delay = ROLLOVER_RETRY_INITIAL;
         if let Some((old_key, old_an)) = old {
             if old_an != an {
                 if let Some(peer) = self.peer_mac {
@@ -701,12 +789,12 @@ impl LinkCore {
         tracing::info!(link = %self.label, key_id = %key.key_id, kn = key.kn, an, rekey_ms, "transmitting with a fresh key");
     }
 
-    fn rollover_failed(&mut self, detail: String, an: u8, key: Option<KeyRef>) {
+    fn rollover_failed(&mut self, now: Instant, detail: String, an: u8, key: Option<KeyRef>) {
         if let Some(peer) = self.peer_mac {
             self.commands
                 .push_back(Command::RetireRx { peer_mac: peer, an });
         }
-        self.rollover_given_up(detail, key);
+        self.rollover_given_up(detail, key, now);
     }
 
     /// A rollover whose outcome on the slave is unknown (see the INSTALL timeout): as
@@ -719,10 +807,15 @@ impl LinkCore {
             self.rx_retire
                 .push((an, peer, first_use + self.wd.limits().max_age));
         }
-        self.rollover_given_up(detail, key);
+        // What we learnt since the INSTALL may predate the slave's switch to `an`: only fresh
+        // evidence (frames validated between two polls from now on, an authenticated HELLO)
+        // may retire it.
+        self.peer_on_an = None;
+        self.rx_validated = None;
+        self.rollover_given_up(detail, key, now);
     }
 
-    fn rollover_given_up(&mut self, detail: String, key: Option<KeyRef>) {
+    fn rollover_given_up(&mut self, detail: String, key: Option<KeyRef>, now: Instant) {
         tracing::error!(link = %self.label, %detail, "rollover failed");
         self.report(Report::RolloverFailed { detail });
         // The SAK was handed out; whatever the outcome, it is never offered again.
@@ -730,6 +823,8 @@ impl LinkCore {
             self.keyx.retire(k.key_id);
         }
         self.rollover_wanted = true;
+        self.retry_at = Some(now + self.retry_delay);
+        self.retry_delay = (self.retry_delay * 2).min(ROLLOVER_RETRY_MAX);
     }
 
     fn report(&mut self, r: Report) {
@@ -756,10 +851,17 @@ impl LinkCore {
     }
 
     fn try_start_rollover(&mut self, now: Instant) {
+        // Cleared here, on every pump, so that `poll_timeout` never returns a past instant.
+        if self.retry_at.is_some_and(|t| now >= t) {
+            self.retry_at = None;
+        }
         if self.role != Role::Master || !matches!(self.roll, Roll::Idle) {
             return;
         }
         if !(self.wd.is_stalled() || self.rollover_wanted) {
+            return;
+        }
+        if self.retry_at.is_some() {
             return;
         }
         let Some(peer_mac) = self.peer_mac else {
@@ -865,7 +967,7 @@ impl LinkCore {
                             // `next_an` keeps the next attempt off this AN meanwhile.
                             self.rollover_undecided(detail, an, Some(sak.key_ref), now);
                         } else {
-                            self.rollover_failed(detail, an, Some(sak.key_ref));
+                            self.rollover_failed(now, detail, an, Some(sak.key_ref));
                         }
                     }
                     other => self.roll = other,
@@ -977,7 +1079,7 @@ impl LinkCore {
                     self.commands.push_back(Command::WatchSa {
                         an: t.an,
                         peer_mac,
-                        thresholds: [t.rollover, t.warn, t.exhausted],
+                        tx_thresholds: [t.rollover, t.warn, t.exhausted],
                     });
                 }
             }

@@ -4,14 +4,44 @@
 //! certificate always presented, no switch to turn verification off. One pooled HTTP/1.1 client
 //! per KME (keep-alive connection reuse). Bounded connect and request timeouts, bounded response
 //! bodies. Retries with exponential backoff on 503 and on transport failures (connect, reset,
-//! timeout), never on 400/401 or on a malformed answer. Keys are decoded from base64 straight into
-//! [`SecretBytes`]; every buffer that held key material (body, base64 strings) is wiped; nothing
-//! with key material reaches an error message or Debug output.
+//! timeout), never on 400/401 or on a malformed answer. Nothing with key material reaches an error
+//! message or Debug output.
+//!
+//! # Where a key's bytes travel, and what wipes them
+//!
+//! A 200 answer to enc_keys/dec_keys holds the keys in base64 inside JSON. On its way in:
+//!
+//! 1. **TLS records** (rustls 0.23): the ciphertext is read into the connection's deframer buffer
+//!    and decrypted there in place; the plaintext is then copied into a received-plaintext chunk
+//!    (one `Vec` per record). The chunk is freed once read; the deframer buffer lives as long as
+//!    the connection and keeps the decrypted bytes until later records overwrite them.
+//! 2. **hyper's read buffer** (a `BytesMut`, 8 KiB and up, one per connection): tokio-rustls
+//!    copies the plaintext there. The body chunks [`reqwest::Response::chunk`] hands us are views
+//!    of that same allocation (`split_to(..).freeze()`), so [`wipe_bytes`] almost never holds the
+//!    only reference and cannot wipe them; the bytes stay until hyper reuses the buffer for the
+//!    next answer or frees it when the pooled connection closes (idle for 60 s, or an error).
+//! 3. **The body buffer**: one zeroizing buffer, pre-sized from Content-Length (grown by copying,
+//!    with the old copy wiped, only for a chunked answer), wiped when decoding ends.
+//! 4. **JSON parsing** (serde_json): the key strings are borrowed from the body buffer, so no copy
+//!    is made, unless the KME escaped a character in them (e.g. `\/`); then serde_json unescapes
+//!    into its scratch buffer (freed when parsing ends) and we get an owned copy that is wiped on
+//!    drop ([`KeyText`]).
+//! 5. **base64 decoding** writes straight into the [`SecretBytes`] the key lives in from then on
+//!    (wiped on drop, its spare capacity included).
+//!
+//! Wiped by our code: 3, 4's owned copy, 5, and a body chunk in the rare case we hold its only
+//! reference. Wiped when freed, by the agent binary's allocator ([`crate::zalloc`]): 1's chunks
+//! at once, serde_json's scratch buffer at the end of parsing, 1's deframer buffer and 2's read
+//! buffer when the connection closes or they are reallocated. Not wiped until reused: 1's
+//! deframer buffer and 2's read buffer while the pooled connection lives, and whatever the
+//! parsers left on the stack or in registers. `run` keeps all of it out of core dumps and swap
+//! ([`crate::privs::protect_key_memory`]).
 //!
 //! Retrying enc_keys after a transport failure may make the KME issue keys that the caller never
 //! sees; they simply expire unused at the KME, which is safe. Retrying dec_keys after the KME
 //! already delivered (and forgot) the key yields a 400 "unknown key_ID", reported as such.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
@@ -20,7 +50,7 @@ use reqwest::{Method, StatusCode};
 use uuid::Uuid;
 use zeroize::{Zeroize, Zeroizing};
 
-use super::wire::{self, ErrorBody, KeyContainer, KeyIdEntry, KeyIds, KeyRequest, Status};
+use super::wire::{self, ErrorBody, KeyIdEntry, KeyIds, KeyRequest, Status};
 use crate::certs::tls::{self, TlsFiles};
 use crate::certs::CertError;
 use crate::secret::SecretBytes;
@@ -216,6 +246,38 @@ fn encode_segment(s: &str) -> String {
         }
     }
     out
+}
+
+/// The parts of a key container (clause 6.3) the client reads, borrowed from the body (the
+/// simulator serialises [`wire::KeyContainer`]). Unknown fields are ignored, as there.
+#[derive(serde::Deserialize)]
+struct KeyContainerIn<'a> {
+    #[serde(borrow)]
+    keys: Vec<KeyEntryIn<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct KeyEntryIn<'a> {
+    #[serde(rename = "key_ID", borrow)]
+    key_id: Cow<'a, str>,
+    #[serde(borrow)]
+    key: KeyText<'a>,
+    #[serde(default)]
+    key_extension: Option<serde_json::Value>,
+}
+
+/// A key's base64 text: a view of the body buffer when the JSON string has no escape sequence
+/// (nothing copied), else serde_json's unescaped copy, which is wiped on drop.
+#[derive(serde::Deserialize)]
+#[serde(transparent)]
+struct KeyText<'a>(#[serde(borrow)] Cow<'a, str>);
+
+impl Drop for KeyText<'_> {
+    fn drop(&mut self) {
+        if let Cow::Owned(s) = &mut self.0 {
+            s.zeroize();
+        }
+    }
 }
 
 /// A growable buffer that never leaves a stale copy of its contents behind when it grows.
@@ -602,13 +664,13 @@ pub fn decode_key_container(
     expect: Expect<'_>,
     size_bits: Option<u32>,
 ) -> Result<Vec<Key>, Etsi014Error> {
-    let container: KeyContainer =
+    // The keys' text is borrowed from `body`, which is wiped when this function returns.
+    let container: KeyContainerIn<'_> =
         serde_json::from_slice(&body).map_err(|e| Etsi014Error::Malformed {
             url: url.to_string(),
             what: "key container",
             detail: sanitized(&e),
         })?;
-    drop(body);
     let url_s = || url.to_string();
     match expect {
         Expect::Count(n) if container.keys.len() != n => {
@@ -641,7 +703,7 @@ pub fn decode_key_container(
                 });
             }
         }
-        let material = decode_key(&entry.key).ok_or_else(|| Etsi014Error::BadBase64 {
+        let material = decode_key(&entry.key.0).ok_or_else(|| Etsi014Error::BadBase64 {
             url: url_s(),
             key_id: id.to_string(),
         })?;
@@ -717,8 +779,10 @@ fn check_request(number: u32, size_bits: Option<u32>) -> Result<(), Etsi014Error
     Ok(())
 }
 
-/// `bytes::Bytes` is shared and immutable; when we hold the only reference, take it back as a
-/// Vec and wipe it, otherwise there is nothing we may write to.
+/// `bytes::Bytes` is shared and immutable; when we hold the only reference, take it back and
+/// wipe it, otherwise there is nothing we may write to. A body chunk from hyper is a view of its
+/// connection read buffer, which still holds a reference, so this rarely wipes anything (see the
+/// module docs); the read buffer is wiped when freed.
 fn wipe_bytes(chunk: &mut bytes::Bytes) {
     let taken = std::mem::take(chunk);
     if let Ok(mut owned) = taken.try_into_mut() {
@@ -798,13 +862,44 @@ mod tests {
 
     #[test]
     fn serde_errors_are_reduced_to_positions() {
-        let e = serde_json::from_str::<KeyContainer>(r#"{"keys":"TOPSECRETKEY"}"#).unwrap_err();
+        let e =
+            serde_json::from_str::<wire::KeyContainer>(r#"{"keys":"TOPSECRETKEY"}"#).unwrap_err();
         let s = sanitized(&e);
         assert!(!s.contains("TOPSECRET"), "{s}");
         assert!(
             e.to_string().contains("TOPSECRET"),
             "serde_json shows values: why sanitizing exists"
         );
+    }
+
+    #[test]
+    fn key_text_is_borrowed_from_the_body_unless_escaped() {
+        let id = "0123abcd-4567-89ef-0123-456789abcdef";
+        let body = |key: &str| {
+            Zeroizing::new(
+                format!(r#"{{"keys":[{{"key_ID":"{id}","key":"{key}","key_ID_extension":7}}],"key_container_extension":{{}}}}"#)
+                    .into_bytes(),
+            )
+        };
+        let plain = body("AA/CAw==");
+        {
+            let c: KeyContainerIn<'_> = serde_json::from_slice(&plain).unwrap();
+            assert!(matches!(c.keys[0].key.0, Cow::Borrowed("AA/CAw==")));
+        }
+        // JSON may escape '/', which base64 uses: serde_json then has to unescape into a copy.
+        let escaped = body(r"AA\/CAw==");
+        {
+            let c: KeyContainerIn<'_> = serde_json::from_slice(&escaped).unwrap();
+            assert!(matches!(&c.keys[0].key.0, Cow::Owned(s) if s == "AA/CAw=="));
+        }
+        let want = decode_key("AA/CAw==").unwrap();
+        for b in [plain, escaped] {
+            let keys =
+                decode_key_container("https://kme", b, Instant::now(), Expect::Count(1), Some(32))
+                    .unwrap();
+            assert_eq!(keys[0].material, want);
+            assert_eq!(keys[0].id.to_string(), id);
+        }
     }
 
     #[test]

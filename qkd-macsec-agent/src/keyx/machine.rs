@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::auth::Ick;
 use super::wire::{sci_mac, AckOf, Active, Body, KeyRole, Message, NackReason, Nonce, Signer};
-use super::KeyId;
-use crate::config::{Link, Role};
+use super::{KeyId, Role};
 use crate::secret::SecretBytes;
 
 /// Settings of one link's exchange.
@@ -45,22 +44,6 @@ pub struct KeyxConfig {
 }
 
 impl KeyxConfig {
-    pub fn from_link(l: &Link, initial_seq: u64, incarnation: u64, local_sci: u64) -> Self {
-        Self {
-            role: l.role(),
-            local_sae: l.local_sae_id.clone(),
-            peer_sae: l.peer_sae_id.clone(),
-            retransmit_initial: l.keyx.retransmit_initial.get(),
-            retransmit_max: l.keyx.retransmit_max.get(),
-            hello_interval: l.keyx.hello_interval.get(),
-            availability_window: l.kme.availability_window.get(),
-            max_rx_per_sec: l.keyx.max_rx_per_sec,
-            initial_seq,
-            incarnation,
-            local_sci,
-        }
-    }
-
     /// How long the slave waits without an authenticated message from the master before it
     /// acts on unauthenticated ANNOUNCEs again: three HELLOs missed (MKA's peer life is three
     /// hello times too). A restarted master, which has no key in common with the slave, is heard
@@ -458,16 +441,7 @@ impl Keyx {
                 });
             }
             Err(reason) => {
-                self.send(
-                    self.anchor,
-                    Body::Nack {
-                        key_id,
-                        role,
-                        kn,
-                        reason,
-                    },
-                    echo,
-                );
+                self.send_nack(self.anchor, key_id, role, kn, reason, echo);
             }
         }
         Ok(())
@@ -501,16 +475,9 @@ impl Keyx {
                     echo,
                 );
             }
-            Err(reason) => self.send(
-                self.auth_for_nack(key_id),
-                Body::Nack {
-                    key_id,
-                    role,
-                    kn,
-                    reason,
-                },
-                echo,
-            ),
+            Err(reason) => {
+                self.send_nack(self.auth_for_nack(key_id), key_id, role, kn, reason, echo)
+            }
         }
         Ok(())
     }
@@ -782,6 +749,25 @@ impl Keyx {
         }
     }
 
+    /// A NACK of `key_id` for `reason`, bound to the peer incarnation `echo`.
+    fn send_nack(
+        &mut self,
+        auth: Option<KeyId>,
+        key_id: KeyId,
+        role: KeyRole,
+        kn: u32,
+        reason: NackReason,
+        echo: u64,
+    ) {
+        let body = Body::Nack {
+            key_id,
+            role,
+            kn,
+            reason,
+        };
+        self.send(auth, body, echo);
+    }
+
     /// `echo`: the peer incarnation the message answers or is bound to (0 = none).
     fn send(&mut self, auth: Option<KeyId>, body: Body, echo: u64) {
         let msg = Message {
@@ -961,16 +947,7 @@ impl Keyx {
         if !self.retired.contains(&key_id) {
             return false;
         }
-        self.send(
-            self.anchor,
-            Body::Nack {
-                key_id,
-                role,
-                kn,
-                reason: NackReason::Retired,
-            },
-            echo,
-        );
+        self.send_nack(self.anchor, key_id, role, kn, NackReason::Retired, echo);
         true
     }
 
@@ -1047,14 +1024,12 @@ impl Keyx {
             return;
         }
         if !self.icks.contains_key(&key_id) {
-            self.send(
+            self.send_nack(
                 self.anchor,
-                Body::Nack {
-                    key_id,
-                    role,
-                    kn,
-                    reason: NackReason::UnknownKey,
-                },
+                key_id,
+                role,
+                kn,
+                NackReason::UnknownKey,
                 master_incarnation,
             );
             return;
@@ -1070,14 +1045,12 @@ impl Keyx {
         // key as the master means it; the master drops it on this NACK.
         if echo != self.cfg.incarnation {
             self.stats.stale += 1;
-            self.send(
+            self.send_nack(
                 self.auth_for_nack(key_id),
-                Body::Nack {
-                    key_id,
-                    role,
-                    kn,
-                    reason: NackReason::UnknownKey,
-                },
+                key_id,
+                role,
+                kn,
+                NackReason::UnknownKey,
                 master_incarnation,
             );
             return;

@@ -6,8 +6,9 @@ use super::nl::{
     NLM_F_REQUEST,
 };
 use super::{
-    errno_of, kernel_err, An, Cipher, KeyId, Macsec, MacsecError, MacsecLink, RxScState, RxScStats,
-    SaKey, SaState, SaStats, Sci, SecyState, SecyStats, TxScStats, Validation,
+    errno_of, kernel_err, An, Cipher, ClearError, ClearStep, Cleared, KeyId, Macsec, MacsecError,
+    MacsecLink, RxScState, RxScStats, SaKey, SaState, SaStats, Sci, SecyState, SecyStats,
+    TxScStats, Validation,
 };
 
 const MACSEC_GENL_VERSION: u8 = 1;
@@ -424,6 +425,51 @@ impl Macsec {
                 }
             }
             Err(e) => Err(kernel_err("delete RX SA", &link.name, e)),
+        }
+    }
+
+    /// Removes every TX SA, RX SA and RX SC of `link` (the SecY itself stays): active SAs are
+    /// deactivated first (an active SA cannot be deleted, EBUSY). Idempotent: whatever is already
+    /// gone counts as removed. Every step is tried even after one fails; the error then carries
+    /// all failures and what was removed. For keys nobody can vouch for any more (a restarted
+    /// agent without a usable record): the SecY stops transmitting and accepting until new SAs
+    /// are installed.
+    pub fn clear_sas(&mut self, link: &MacsecLink) -> Result<Cleared, ClearError> {
+        let state = self.state(link).map_err(|e| ClearError {
+            name: link.name.clone(),
+            cleared: Cleared::default(),
+            failures: vec![e],
+        })?;
+        let mut cleared = Cleared::default();
+        let mut failures = Vec::new();
+        for step in state.clear_plan() {
+            let r = match step {
+                ClearStep::DeactivateTx(an) => self.set_tx_sa_active(link, an, false),
+                ClearStep::DeleteTx(an, kid) => self
+                    .del_tx_sa(link, an)
+                    .map(|()| cleared.tx_sas.push((an, kid))),
+                ClearStep::DeactivateRx(sci, an) => self.set_rx_sa_active(link, sci, an, false),
+                ClearStep::DeleteRx(sci, an, kid) => self
+                    .del_rx_sa(link, sci, an)
+                    .map(|()| cleared.rx_sas.push((sci, an, kid))),
+                ClearStep::DeleteRxSc(sci) => {
+                    self.del_rx_sc(link, sci).map(|()| cleared.rx_scs.push(sci))
+                }
+            };
+            match r {
+                // Deactivating what is already gone: its delete step follows and succeeds.
+                Ok(()) | Err(MacsecError::NotFound { .. }) => {}
+                Err(e) => failures.push(e),
+            }
+        }
+        if failures.is_empty() {
+            Ok(cleared)
+        } else {
+            Err(ClearError {
+                name: link.name.clone(),
+                cleared,
+                failures,
+            })
         }
     }
 

@@ -19,8 +19,8 @@ mod types;
 pub use bench::{run_bench, BenchOptions, BenchResult};
 pub use rollover::{PeerRxConfirmation, RetireSchedule, RxPrepared, TxActivated};
 pub use types::{
-    An, Cipher, KeyId, LinkConfig, MacsecLink, RxScState, RxScStats, SaKey, SaState, SaStats, Salt,
-    Sci, SecyState, SecyStats, TxScStats, Validation, XpnParams,
+    An, Cipher, ClearStep, Cleared, KeyId, LinkConfig, MacsecLink, RxScState, RxScStats, SaKey,
+    SaState, SaStats, Salt, Sci, SecyState, SecyStats, TxScStats, Validation, XpnParams,
 };
 
 use neli::consts::socket::NlFamily;
@@ -93,6 +93,16 @@ pub enum MacsecError {
     },
     #[error("netlink {op} failed: {detail}")]
     Netlink { op: &'static str, detail: String },
+}
+
+/// [`Macsec::clear_sas`] could not remove everything: every failure, in the order met, and what
+/// it did remove.
+#[derive(Debug, thiserror::Error)]
+#[error("removing the SAs of {name:?} failed {} time(s): {}; removed: {cleared}", .failures.len(), .failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct ClearError {
+    pub name: String,
+    pub cleared: Cleared,
+    pub failures: Vec<MacsecError>,
 }
 
 impl MacsecError {

@@ -9,79 +9,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 use super::MacsecError;
 use crate::secret::SecretBytes;
 
-/// The four cipher suites Linux MACsec implements (IEEE 802.1AE-2018 table 14-1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Deserialize)]
-pub enum Cipher {
-    #[serde(rename = "gcm-aes-128")]
-    GcmAes128,
-    #[serde(rename = "gcm-aes-256")]
-    GcmAes256,
-    #[serde(rename = "gcm-aes-xpn-128")]
-    GcmAesXpn128,
-    #[serde(rename = "gcm-aes-xpn-256")]
-    GcmAesXpn256,
-}
-
-impl Cipher {
-    pub const ALL: [Cipher; 4] = [
-        Cipher::GcmAes128,
-        Cipher::GcmAes256,
-        Cipher::GcmAesXpn128,
-        Cipher::GcmAesXpn256,
-    ];
-
-    /// The 64-bit cipher suite identifier the kernel takes in IFLA_MACSEC_CIPHER_SUITE.
-    pub fn id(self) -> u64 {
-        match self {
-            Cipher::GcmAes128 => 0x0080_C200_0100_0001,
-            Cipher::GcmAes256 => 0x0080_C200_0100_0002,
-            Cipher::GcmAesXpn128 => 0x0080_C200_0100_0003,
-            Cipher::GcmAesXpn256 => 0x0080_C200_0100_0004,
-        }
-    }
-
-    /// Maps a kernel cipher id back; the kernel also reports the pre-2018 GCM-AES-128 id.
-    pub fn from_id(id: u64) -> Option<Self> {
-        match id {
-            0x0080_C200_0100_0001 | 0x0080_0200_0100_0001 => Some(Cipher::GcmAes128),
-            0x0080_C200_0100_0002 => Some(Cipher::GcmAes256),
-            0x0080_C200_0100_0003 => Some(Cipher::GcmAesXpn128),
-            0x0080_C200_0100_0004 => Some(Cipher::GcmAesXpn256),
-            _ => None,
-        }
-    }
-
-    pub fn key_len(self) -> usize {
-        match self {
-            Cipher::GcmAes128 | Cipher::GcmAesXpn128 => 16,
-            Cipher::GcmAes256 | Cipher::GcmAesXpn256 => 32,
-        }
-    }
-
-    /// Extended packet numbering: 64-bit PNs, needs an SSCI and a salt per SA.
-    pub fn is_xpn(self) -> bool {
-        matches!(self, Cipher::GcmAesXpn128 | Cipher::GcmAesXpn256)
-    }
-
-    /// The highest PN an SA of this suite can send; the SA stops after it.
-    pub fn max_pn(self) -> u64 {
-        if self.is_xpn() {
-            u64::MAX
-        } else {
-            u64::from(u32::MAX)
-        }
-    }
-
-    /// The name `ip macsec` uses.
-    pub fn ip_name(self) -> &'static str {
-        match self {
-            Cipher::GcmAes128 => "gcm-aes-128",
-            Cipher::GcmAes256 => "gcm-aes-256",
-            Cipher::GcmAesXpn128 => "gcm-aes-xpn-128",
-            Cipher::GcmAesXpn256 => "gcm-aes-xpn-256",
-        }
-    }
-}
+pub use crate::cipher::Cipher;
 
 impl fmt::Display for Cipher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -597,6 +525,99 @@ impl SecyState {
     pub fn rx_sc(&self, sci: Sci) -> Option<&RxScState> {
         self.rx_scs.iter().find(|s| s.sci == sci)
     }
+
+    /// True when the SecY holds no SA and no RX SC at all.
+    pub fn is_bare(&self) -> bool {
+        self.tx_sas.is_empty() && self.rx_scs.is_empty()
+    }
+
+    /// The first AN after `an` (mod 4) on which no SA is installed, TX or RX on any channel;
+    /// `an.next()` when every other AN holds one. A restarted agent that removed what it found
+    /// starts its first rollover there: the peer may still transmit on any AN we held an RX SA
+    /// for (its active key, or the target of a rollover the previous agent did not finish), and
+    /// a rollover onto the peer's active AN is refused by the peer.
+    pub fn first_free_an_after(&self, an: An) -> An {
+        let occupied =
+            |a: An| self.tx_sa(a).is_some() || self.rx_scs.iter().any(|sc| sc.sa(a).is_some());
+        let mut a = an.next();
+        for _ in 0..3 {
+            if !occupied(a) {
+                return a;
+            }
+            a = a.next();
+        }
+        an.next()
+    }
+
+    /// The steps that remove every SA and RX SC of this SecY, in order: each TX SA (deactivated
+    /// first when active: the kernel refuses to delete an active SA with EBUSY), then each RX
+    /// SA the same way, then each RX SC. See [`crate::macsec::Macsec::clear_sas`].
+    pub fn clear_plan(&self) -> Vec<ClearStep> {
+        let mut plan = Vec::new();
+        for sa in &self.tx_sas {
+            if sa.active {
+                plan.push(ClearStep::DeactivateTx(sa.an));
+            }
+            plan.push(ClearStep::DeleteTx(sa.an, sa.key_id));
+        }
+        for sc in &self.rx_scs {
+            for sa in &sc.sas {
+                if sa.active {
+                    plan.push(ClearStep::DeactivateRx(sc.sci, sa.an));
+                }
+                plan.push(ClearStep::DeleteRx(sc.sci, sa.an, sa.key_id));
+            }
+            plan.push(ClearStep::DeleteRxSc(sc.sci));
+        }
+        plan
+    }
+}
+
+/// One request of [`SecyState::clear_plan`]. Key ids name what goes (never key bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClearStep {
+    DeactivateTx(An),
+    DeleteTx(An, KeyId),
+    DeactivateRx(Sci, An),
+    DeleteRx(Sci, An, KeyId),
+    DeleteRxSc(Sci),
+}
+
+/// What [`crate::macsec::Macsec::clear_sas`] removed: SAs by AN and kernel key id, channels by
+/// SCI. An object that was already gone when its turn came counts as removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Cleared {
+    pub tx_sas: Vec<(An, KeyId)>,
+    pub rx_sas: Vec<(Sci, An, KeyId)>,
+    pub rx_scs: Vec<Sci>,
+}
+
+impl Cleared {
+    pub fn is_empty(&self) -> bool {
+        self.tx_sas.is_empty() && self.rx_sas.is_empty() && self.rx_scs.is_empty()
+    }
+}
+
+impl fmt::Display for Cleared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts: Vec<String> = Vec::new();
+        parts.extend(
+            self.tx_sas
+                .iter()
+                .map(|(an, kid)| format!("TX SA {an} (key id {kid})")),
+        );
+        parts.extend(
+            self.rx_sas
+                .iter()
+                .map(|(sci, an, kid)| format!("RX SA {an} of SC {sci} (key id {kid})")),
+        );
+        parts.extend(self.rx_scs.iter().map(|sci| format!("RX SC {sci}")));
+        if parts.is_empty() {
+            f.write_str("nothing")
+        } else {
+            f.write_str(&parts.join(", "))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -677,6 +698,124 @@ mod tests {
             shown.contains("redacted") && !shown.contains("[2, 2"),
             "{shown}"
         );
+    }
+
+    fn sa(an: u8, active: bool, kid: u8) -> SaState {
+        SaState {
+            an: An::new(an).unwrap(),
+            active,
+            next_pn: 1,
+            key_id: KeyId([kid; 16]),
+            ssci: None,
+            stats: SaStats::default(),
+        }
+    }
+
+    fn secy(encoding: u8, tx: Vec<SaState>, rx: Vec<(u64, Vec<SaState>)>) -> SecyState {
+        SecyState {
+            ifindex: 1,
+            sci: Sci(1),
+            cipher: Cipher::GcmAes256,
+            icv_len: 16,
+            encoding_sa: An::new(encoding).unwrap(),
+            window: 0,
+            protect: true,
+            replay_protect: true,
+            operational: true,
+            validation: Validation::Strict,
+            encrypt: true,
+            include_sci: true,
+            end_station: false,
+            scb: false,
+            tx_sas: tx,
+            rx_scs: rx
+                .into_iter()
+                .map(|(sci, sas)| RxScState {
+                    sci: Sci(sci),
+                    active: true,
+                    sas,
+                    stats: RxScStats::default(),
+                })
+                .collect(),
+            txsc_stats: TxScStats::default(),
+            secy_stats: SecyStats::default(),
+        }
+    }
+
+    #[test]
+    fn clear_plan_deactivates_before_deleting_and_takes_everything() {
+        let an = |a| An::new(a).unwrap();
+        let s = secy(
+            0,
+            vec![sa(0, true, 1), sa(3, false, 2)],
+            vec![(7, vec![sa(0, true, 1), sa(3, false, 2)]), (8, vec![])],
+        );
+        assert_eq!(
+            s.clear_plan(),
+            vec![
+                ClearStep::DeactivateTx(an(0)),
+                ClearStep::DeleteTx(an(0), KeyId([1; 16])),
+                ClearStep::DeleteTx(an(3), KeyId([2; 16])),
+                ClearStep::DeactivateRx(Sci(7), an(0)),
+                ClearStep::DeleteRx(Sci(7), an(0), KeyId([1; 16])),
+                ClearStep::DeleteRx(Sci(7), an(3), KeyId([2; 16])),
+                ClearStep::DeleteRxSc(Sci(7)),
+                ClearStep::DeleteRxSc(Sci(8)),
+            ]
+        );
+        assert!(!s.is_bare());
+        assert!(secy(2, vec![], vec![]).clear_plan().is_empty());
+        assert!(secy(2, vec![], vec![]).is_bare());
+    }
+
+    #[test]
+    fn first_free_an_skips_every_an_holding_an_sa() {
+        let an = |a| An::new(a).unwrap();
+        // The usual restart: TX and the peer's RX on the encoding AN.
+        for enc in 0..4u8 {
+            let s = secy(
+                enc,
+                vec![sa(enc, true, 1)],
+                vec![(7, vec![sa(enc, true, 1)])],
+            );
+            assert_eq!(
+                s.first_free_an_after(an(enc)),
+                an((enc + 1) % 4),
+                "AN {enc}"
+            );
+        }
+        // Killed mid-rollover: the RX SA for the next AN is in (the peer may already send on
+        // it), so the first rollover goes one further.
+        let s = secy(
+            3,
+            vec![sa(3, true, 1)],
+            vec![(7, vec![sa(3, true, 1), sa(0, true, 2)])],
+        );
+        assert_eq!(s.first_free_an_after(an(3)), an(1));
+        // Nothing installed: just the next one.
+        assert_eq!(secy(1, vec![], vec![]).first_free_an_after(an(1)), an(2));
+        // Everything taken: the next one all the same.
+        let full = secy(
+            0,
+            vec![sa(0, true, 1), sa(1, false, 2)],
+            vec![(7, vec![sa(2, true, 3)]), (8, vec![sa(3, true, 4)])],
+        );
+        assert_eq!(full.first_free_an_after(an(0)), an(1));
+    }
+
+    #[test]
+    fn cleared_names_key_ids_only() {
+        let c = Cleared {
+            tx_sas: vec![(An::new(0).unwrap(), KeyId([0xab; 16]))],
+            rx_sas: vec![(Sci(7), An::new(1).unwrap(), KeyId([0xcd; 16]))],
+            rx_scs: vec![Sci(7)],
+        };
+        let shown = c.to_string();
+        assert!(shown.starts_with("TX SA 0 (key id abab"), "{shown}");
+        assert!(shown.contains("RX SA 1 of SC 0000000000000007"), "{shown}");
+        assert!(shown.ends_with("RX SC 0000000000000007"), "{shown}");
+        assert_eq!(Cleared::default().to_string(), "nothing");
+        assert!(Cleared::default().is_empty() && !c.is_empty());
     }
 
     #[test]

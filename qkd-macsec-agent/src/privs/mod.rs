@@ -1,5 +1,5 @@
-//! Least privilege: the capabilities the agent keeps once it has started, and the file checks it
-//! makes before it starts.
+//! Least privilege: the capabilities the agent keeps once it has started, the file checks it
+//! makes before it starts, and keeping key material out of core dumps and swap (`memory`).
 //!
 //! # What the running agent keeps
 //!
@@ -34,13 +34,15 @@
 mod caps;
 mod files;
 mod gate;
+mod memory;
 
 pub use caps::{
     drop_to, drop_to_runtime, mask, missing_for_run, parse_cap_mask, proc_caps, Cap, ProcCaps,
     CAP_BPF, CAP_NET_ADMIN, RUNTIME_CAPS,
 };
 pub use files::{check_config_file, check_private_key_file};
-pub use gate::{link_ready, spawn_drop_when_started};
+pub use gate::{drop_when_started, StartupToken};
+pub use memory::{dumpable, protect_key_memory, KeyMemory};
 
 /// The start-up file checks: the config file, then every link's KME client key.
 pub fn check_startup_files(

@@ -1,8 +1,10 @@
 //! The active-key-lifetime (AKL) watchdog of one link: a sans-IO state machine.
 //!
 //! Inputs: a fresh SAK installed on both ends ([`Watchdog::handle_activated`]), packet numbers
-//! of the transmit SA (XDP/TC counters or kernel statistics, [`Watchdog::handle_pn`]), the
-//! kernel's view of each SA ([`Watchdog::handle_sa_state`]), key-fetch outcomes
+//! used under the active key ([`Watchdog::handle_pn`]: our TX SA from the TC egress counters,
+//! the peer's RX SA as far as the kernel validated it; never XDP's RX counters, which anyone
+//! on the wire can forge, see `agent::core::LinkCore::handle_rx_validated`), the kernel's view
+//! of each SA ([`Watchdog::handle_sa_state`]), key-fetch outcomes
 //! ([`Watchdog::handle_fetch_outcome`]) and time ([`Watchdog::handle_timeout`]).
 //!
 //! Outputs ([`Watchdog::poll_action`]): a rollover request at `akl.rollover_at` of the
@@ -15,7 +17,6 @@
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::config::{Akl, Cipher};
 use crate::keyx::KeyId;
 
 /// Identity of one SAK: the QKD key it is or was derived from, and its key number.
@@ -37,16 +38,6 @@ pub struct Limits {
 }
 
 impl Limits {
-    pub fn from_config(akl: &Akl, cipher: Cipher, tolerated_fetch_failures: u32) -> Self {
-        Self {
-            max_age: akl.max_age.get(),
-            max_pn: akl.effective_max_pn(cipher),
-            rollover_at: akl.rollover_at,
-            warn_at: akl.warn_at,
-            tolerated_fetch_failures,
-        }
-    }
-
     fn pn_at(&self, fraction: f64) -> u64 {
         // f64 has 53 bits of mantissa; rounding down keeps the threshold at or before the exact
         // fraction, which errs on the early side.
