@@ -465,8 +465,8 @@ fn restart_and_replay_never_put_an_old_key_on_a_new_sa_cak() {
 /// outstanding forever. With `sak.buffer` such leaks the master never fetches again and the link
 /// stalls for good (seen in the VM: no key request for 60 s and more, both agents idle).
 #[test]
-#[ignore = "fails on main at 2cbef4e: keyx::Keyx::retire drops a pending ANNOUNCE without \
-            KeyLost, leaking KeySupply::outstanding (see the doc comment)"]
+#[ignore = "fails on main (2cbef4e, c75bfc3): keyx::Keyx::retire drops a pending ANNOUNCE \
+            without KeyLost, leaking KeySupply::outstanding (see the doc comment)"]
 fn a_kme_that_reissues_a_held_key_never_stops_key_delivery() {
     require_macsec();
     let mut spec = LinkSpec::fast("sak");
