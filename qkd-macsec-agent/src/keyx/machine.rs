@@ -68,6 +68,9 @@ pub enum LostReason {
     Timeout,
     /// The slave refused it.
     Refused(NackReason),
+    /// Retired while still being announced (the KME handed out a key_ID that was already in
+    /// use here, and that use ended).
+    Retired,
 }
 
 /// What the exchange tells the IO layer.
@@ -348,7 +351,14 @@ impl Keyx {
         now: Instant,
     ) -> Result<(), KeyxError> {
         self.require(Role::Master)?;
-        if self.retired.contains(&key_id) || self.pending_keys.contains_key(&key_id) {
+        // A key_ID we already know (retired, being announced, or confirmed and held or in
+        // use) that the KME hands out again is never announced a second time: the two would
+        // share one key and one retirement.
+        if self.retired.contains(&key_id)
+            || self.pending_keys.contains_key(&key_id)
+            || self.icks.contains_key(&key_id)
+            || self.confirmed_by.contains_key(&key_id)
+        {
             return Err(KeyxError::Duplicate(key_id));
         }
         let ick = self.derive_ick(&key, key_id)?;
@@ -488,7 +498,13 @@ impl Keyx {
     /// authenticates messages) and any INSTALL naming it is refused from now on.
     pub fn retire(&mut self, key_id: KeyId) {
         self.retired.insert(key_id);
-        self.pending_keys.remove(&key_id);
+        if self.pending_keys.remove(&key_id).is_some() {
+            // Whoever asked for it to be announced waits for an outcome: this is one.
+            self.events.push_back(Event::KeyLost {
+                key_id,
+                reason: LostReason::Retired,
+            });
+        }
         self.confirmed_by.remove(&key_id);
         self.received.remove(&key_id);
         self.outstanding.retain(|r, _| match r {

@@ -159,6 +159,10 @@ impl World {
 
     fn with(profile: &str, cipher: &str, extra: &str) -> Self {
         let (la, lb) = links(profile, cipher, extra);
+        Self::from_links(la, lb)
+    }
+
+    fn from_links(la: Link, lb: Link) -> Self {
         let now = Instant::now();
         let a = LinkCore::new(la.core_config(), start(A_MAC, 1_000), counter_nonce(), now);
         let b = LinkCore::new(lb.core_config(), start(B_MAC, 5_000), counter_nonce(), now);
@@ -226,9 +230,12 @@ impl World {
                     let mut kid = [0u8; 16];
                     kid[12..].copy_from_slice(&id.to_be_bytes());
                     kid[0] = 0x55;
-                    let key: Vec<u8> = (0..size_bytes)
+                    let mut key: Vec<u8> = (0..size_bytes)
                         .map(|i| (id as u8).wrapping_mul(31) ^ i as u8)
                         .collect();
+                    // Distinct bytes for every key_ID (not only modulo 256): the tests compare
+                    // key bytes to find a key used twice.
+                    key[..4].copy_from_slice(&id.to_be_bytes());
                     self.kme.insert(KeyId(kid), key.clone());
                     self.ever.insert(KeyId(kid), key.clone());
                     self.issued.push(key.clone());
