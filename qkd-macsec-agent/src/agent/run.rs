@@ -333,8 +333,13 @@ async fn run_link(
     let label = link.label().to_owned();
     // Before anything touches the kernel: without its ledger a link could install a key that
     // an earlier life already used.
-    let ledger = Ledger::open(&global.ledger_dir, &label)
-        .with_context(|| format!("loading the ledger of used keys of link {label}"))?;
+    // Named after the SAE pair, which names the stream of keys the KMEs serve (the config
+    // refuses one pair on two links): renaming the link or its interface keeps its ledger.
+    let ledger = Ledger::open(
+        &global.ledger_dir,
+        &format!("{}--{}", link.local_sae_id, link.peer_sae_id),
+    )
+    .with_context(|| format!("loading the ledger of used keys of link {label}"))?;
     warn_if_volatile(&global.ledger_dir, &label);
     let mut macsec = Macsec::open().context("opening kernel MACsec")?;
     let lcfg = macsec::LinkConfig::new(&link.macsec_interface, &link.lower_interface, link.cipher);
