@@ -8,16 +8,20 @@
 //! - [`dataplane`]: loading the XDP/TC programs, their maps and ring-buffer events.
 //! - [`lldp`]: the project's LLDP TLV and LLDPDU codec, and the AF_PACKET sender.
 //! - [`keyx`], [`watchdog`], [`profile`]: key exchange, the AKL watchdog and key profiles as sans-IO
-//!   state machines with the clock injected.
+//!   state machines with the clock injected; [`kdf`] and [`cipher`]: the IEEE 802.1X KDF and the
+//!   802.1AE cipher suites they share. None of them knows the config schema, netlink or `ops`:
+//!   [`config`] translates its schema into their parameter types at the edge.
 //! - [`config`], [`agent`]: the gateway config and the IO loop that joins everything.
 //! - [`secret`], [`zalloc`]: key material in zeroizing types, and the allocator that wipes what
 //!   other crates free.
 
 pub mod agent;
 pub mod certs;
+pub mod cipher;
 pub mod config;
 pub mod dataplane;
 pub mod etsi014;
+pub mod kdf;
 pub mod keyx;
 pub mod kmesim;
 pub mod lldp;

@@ -702,6 +702,37 @@ impl Testbed {
         .expect("macsec dump thread panicked")
     }
 
+    /// [`Wire::Bridged`]: what eve injects reaches only `to` (None: both gateways again). The
+    /// bridge ports of eve and of the other gateway are made `isolated`, and isolated ports do
+    /// not forward to each other; the gateways still reach each other and eve still hears `to`.
+    pub fn eve_towards(&self, to: Option<Side>) {
+        let wire = self
+            .wire_ns
+            .as_ref()
+            .expect("eve_towards needs Wire::Bridged");
+        let port = |s: Side| if s == Side::A { "pa" } else { "pb" };
+        let isolated = |p: &str, on: bool| {
+            format!(
+                "link set dev {p} type bridge_slave isolated {}",
+                if on { "on" } else { "off" }
+            )
+        };
+        wire.ip_batch(&[
+            &isolated("pe", to.is_some()),
+            &isolated(port(Side::A), to == Some(Side::B)),
+            &isolated(port(Side::B), to == Some(Side::A)),
+        ]);
+    }
+
+    /// The MAC address of `side`'s lower interface, as the SCI of its MACsec link says (the
+    /// source address of every frame the gateway sends on the wire).
+    pub fn lower_mac(&self, side: Side) -> [u8; 6] {
+        self.secy(side)
+            .unwrap_or_else(|| panic!("{} has no MACsec link yet", side.label()))
+            .sci
+            .mac()
+    }
+
     /// Waits until both agents have a secured link (see [`LinkView::secured`]), then gives the
     /// MACsec interfaces their addresses and checks that IP gets through. Returns the time from
     /// the first agent start. Panics with both logs on timeout.
@@ -953,6 +984,64 @@ pub struct MonitorState {
     pub secured_at: [Option<Instant>; 2],
     pub samples: u64,
     pub errors: Vec<String>,
+    /// Every SA (TX or RX) the monitor saw put into the kernel, with its kernel key identifier;
+    /// the SAs of the first sample count as installed then.
+    pub sa_installs: Vec<SaInstall>,
+}
+
+/// An SA that appeared between two [`Monitor`] samples: new on its slot (direction, SC, AN),
+/// another key on its slot, or the same key with its packet number gone back (deleted and added
+/// again in between). An SA added and removed within one period is missed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SaInstall {
+    pub at: Instant,
+    pub side: Side,
+    /// Our TX SA (else an RX SA of the peer's SC).
+    pub tx: bool,
+    pub an: u8,
+    pub key: [u8; 16],
+    /// The SA's next PN when first seen.
+    pub next_pn: u64,
+}
+
+/// The SAs of `s` that are new against `slots` (what the previous sample held), which becomes
+/// this sample; see [`SaInstall`].
+pub fn sa_installs(
+    slots: &mut std::collections::HashMap<(bool, u64, u8), ([u8; 16], u64)>,
+    s: Option<&SecyState>,
+    side: Side,
+    at: Instant,
+) -> Vec<SaInstall> {
+    let mut now = std::collections::HashMap::new();
+    if let Some(s) = s {
+        for sa in &s.tx_sas {
+            now.insert((true, s.sci.0, sa.an.get()), (sa.key_id.0, sa.next_pn));
+        }
+        for sc in &s.rx_scs {
+            for sa in &sc.sas {
+                now.insert((false, sc.sci.0, sa.an.get()), (sa.key_id.0, sa.next_pn));
+            }
+        }
+    }
+    let mut out: Vec<SaInstall> = now
+        .iter()
+        .filter(|(slot, (key, pn))| {
+            !slots
+                .get(*slot)
+                .is_some_and(|(k, p)| k == key && (p <= pn || *pn == 0))
+        })
+        .map(|(&(tx, _, an), &(key, next_pn))| SaInstall {
+            at,
+            side,
+            tx,
+            an,
+            key,
+            next_pn,
+        })
+        .collect();
+    out.sort_by_key(|i| (!i.tx, i.an));
+    *slots = now;
+    out
 }
 
 impl MonitorState {
@@ -999,11 +1088,16 @@ impl Monitor {
                 };
                 let mut prev: Option<(u8, [u8; 16])> = None;
                 let mut was_secured = false;
+                let mut slots = std::collections::HashMap::new();
                 while !stop.load(Ordering::Relaxed) {
                     let dump = m.dump_all();
                     let now = Instant::now();
+                    let mut installs = Vec::new();
                     let view = match dump {
-                        Ok(v) => LinkView::from_secy(v.first()),
+                        Ok(v) => {
+                            installs = sa_installs(&mut slots, v.first(), side, now);
+                            LinkView::from_secy(v.first())
+                        }
                         Err(e) => {
                             lock(&state).errors.push(format!("{}: {e}", side.label()));
                             LinkView::default()
@@ -1011,6 +1105,7 @@ impl Monitor {
                     };
                     let mut st = lock(&state);
                     st.samples += 1;
+                    st.sa_installs.extend(installs);
                     let secured = view.secured();
                     if secured && st.secured_at[side.idx()].is_none() {
                         st.secured_at[side.idx()] = Some(now);
@@ -1546,6 +1641,160 @@ pub fn capture_lldp(ns: &NetNs, ifname: &str, dur: Duration) -> Vec<Vec<u8>> {
         }
     }
     out
+}
+
+/// Frames with when they were captured.
+pub type TimedFrames = Vec<(Instant, Vec<u8>)>;
+
+/// [`capture_lldp`] in the background until stopped: every LLDP frame `ifname` inside `ns`
+/// receives (not those it sends itself, such as a [`Replayer`]'s), with when it arrived.
+pub struct LldpRecorder {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    frames: Arc<Mutex<TimedFrames>>,
+}
+
+impl LldpRecorder {
+    pub fn start(ns: &Arc<NetNs>, ifname: &str) -> LldpRecorder {
+        let stop = Arc::new(AtomicBool::new(false));
+        let frames = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = {
+            let (ns, ifname, stop, frames) = (
+                Arc::clone(ns),
+                ifname.to_owned(),
+                Arc::clone(&stop),
+                Arc::clone(&frames),
+            );
+            std::thread::spawn(move || {
+                let fd = {
+                    let _in = ns.enter();
+                    packet_socket(&ifname)
+                };
+                let _ = tx.send(());
+                let mut buf = vec![0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+                    let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+                    // SAFETY: buf and sll are valid for the lengths given.
+                    let n = unsafe {
+                        libc::recvfrom(
+                            fd.as_raw_fd(),
+                            buf.as_mut_ptr().cast(),
+                            buf.len(),
+                            0,
+                            (&raw mut sll).cast(),
+                            &raw mut len,
+                        )
+                    };
+                    if n >= 14
+                        && sll.sll_pkttype != libc::PACKET_OUTGOING
+                        && buf[12] == 0x88
+                        && buf[13] == 0xCC
+                    {
+                        lock(&frames).push((Instant::now(), buf[..n as usize].to_vec()));
+                    }
+                }
+            })
+        };
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("LLDP recorder did not start");
+        LldpRecorder {
+            stop,
+            thread: Some(thread),
+            frames,
+        }
+    }
+
+    /// What was recorded so far, in order.
+    pub fn frames(&self) -> TimedFrames {
+        lock(&self.frames).clone()
+    }
+
+    /// Stops and returns everything recorded.
+    pub fn stop(mut self) -> TimedFrames {
+        self.halt();
+        std::mem::take(&mut *lock(&self.frames))
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for LldpRecorder {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+/// Injects `frames` on `ifname` inside `ns` in order, one every `gap`, from the first to the
+/// last and then again from the first, until stopped (the eavesdropper replaying what it
+/// recorded, verbatim, source addresses included).
+pub struct Replayer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    passes: Arc<AtomicU32>,
+}
+
+impl Replayer {
+    pub fn start(ns: &Arc<NetNs>, ifname: &str, frames: Vec<Vec<u8>>, gap: Duration) -> Replayer {
+        assert!(!frames.is_empty(), "nothing to replay");
+        let stop = Arc::new(AtomicBool::new(false));
+        let passes = Arc::new(AtomicU32::new(0));
+        let thread = {
+            let (ns, ifname, stop, passes) = (
+                Arc::clone(ns),
+                ifname.to_owned(),
+                Arc::clone(&stop),
+                Arc::clone(&passes),
+            );
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    for f in &frames {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        inject_frames(&ns, &ifname, std::slice::from_ref(f));
+                        std::thread::sleep(gap);
+                    }
+                    passes.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        Replayer {
+            stop,
+            thread: Some(thread),
+            passes,
+        }
+    }
+
+    /// Complete passes over the frames so far.
+    pub fn passes(&self) -> u32 {
+        self.passes.load(Ordering::Relaxed)
+    }
+
+    /// Stops; returns the complete passes.
+    pub fn stop(mut self) -> u32 {
+        self.halt();
+        self.passes()
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Replayer {
+    fn drop(&mut self) {
+        self.halt();
+    }
 }
 
 /// Offset and length of the project TLV payload (after OUI and subtype) in an LLDPDU

@@ -313,10 +313,10 @@ fn agent_refuses_state_that_others_could_have_written() {
     // A ledger file planted as a symlink.
     let elsewhere = d.0.join("elsewhere");
     std::fs::write(&elsewhere, "").unwrap();
-    std::os::unix::fs::symlink(&elsewhere, ledger.join("qkdprivs-m0.used-keys")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, ledger.join("SAE_A--SAE_B.used-keys")).unwrap();
     let (ok, err) = run_agent(&cfg);
     assert!(!ok && err.contains("symlink"), "{err}");
-    std::fs::remove_file(ledger.join("qkdprivs-m0.used-keys")).unwrap();
+    std::fs::remove_file(ledger.join("SAE_A--SAE_B.used-keys")).unwrap();
 
     let (_, err) = run_agent(&cfg);
     assert!(

@@ -10,10 +10,10 @@
 use std::time::{Duration, Instant};
 
 use crate::config::Role;
+use crate::kdf;
 use crate::keyx::machine::{Keyx, KeyxConfig};
 use crate::keyx::wire::KeyRole;
 use crate::keyx::KeyId;
-use crate::profile::kdf;
 use crate::secret::SecretBytes;
 
 const ROUNDS: usize = 5;

@@ -20,12 +20,10 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use super::record::Adoption;
-use crate::config::{Link, ProfileKind, Role};
 use crate::keyx::machine::{Event as KxEvent, Keyx, KeyxConfig, LostReason};
 use crate::keyx::wire::{sci_mac, Active, KeyRole, NackReason};
-use crate::keyx::KeyId;
-use crate::profile::{KeySupply, Params, ProfileError, Sak, SupplyAction};
+use crate::keyx::{KeyId, Role};
+use crate::profile::{KeySupply, Params, ProfileError, ProfileKind, Sak, SupplyAction};
 use crate::secret::SecretBytes;
 use crate::watchdog::{Action as WdAction, Alarm, KeyRef, Limits, StallReason, Watchdog};
 
@@ -45,6 +43,19 @@ pub const ROLLOVER_RETRY_MAX: Duration = Duration::from_secs(16);
 /// Least time between two rollovers triggered by a peer that reports no active key.
 pub const PEER_RESET_HOLDOFF: Duration = Duration::from_secs(10);
 
+/// One link's settings in the logic's own types (the config schema translates into it:
+/// `config::Link::core_config`).
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// For logs and the status.
+    pub label: String,
+    /// The exchange's settings; its `initial_seq`, `incarnation` and `local_sci` are taken from
+    /// [`Start`].
+    pub keyx: KeyxConfig,
+    pub profile: Params,
+    pub limits: Limits,
+}
+
 /// What the IO layer knows at start that the core cannot make up.
 #[derive(Debug, Clone, Default)]
 pub struct Start {
@@ -63,6 +74,19 @@ pub struct Start {
 /// The next PN every RX SA is installed with ([`Command::PrepareRx`]); the kernel raises it
 /// only for frames it validated ([`LinkCore::handle_rx_validated`]).
 pub const RX_SA_FIRST_PN: u64 = 1;
+
+/// What a restarted agent found running, vouched for by its record (`agent::record`, checked against
+/// the kernel): the key to adopt and how old it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Adoption {
+    pub key: KeyRef,
+    pub an: u8,
+    pub peer_mac: [u8; 6],
+    /// Age of the key now.
+    pub age: Duration,
+    /// Next PN of our TX SA, from the kernel.
+    pub tx_pn: u64,
+}
 
 /// A key the master's KME returned.
 #[derive(Debug)]
@@ -89,8 +113,10 @@ pub enum Command {
     /// Install our TX SA on `an` and switch the encoding SA to it; answer with
     /// [`LinkCore::handle_tx_activated`].
     ActivateTx { an: u8, sak: Sak },
-    /// Deactivate and delete our old TX SA.
+    /// Deactivate and delete our old TX SA (never the encoding SA: the kernel refuses).
     RetireTx { an: u8 },
+    /// Delete the exhausted key's TX SA of a stalled link, even if it is still the encoding SA.
+    RemoveStalledTx { an: u8 },
     /// Deactivate and delete the peer's old RX SA.
     RetireRx { peer_mac: [u8; 6], an: u8 },
     /// Set (true) or clear the data plane's stall switch.
@@ -205,50 +231,52 @@ impl std::fmt::Debug for LinkCore {
     }
 }
 
-/// A snapshot for the status socket and logs (no key material). The JSON form is a versioned,
-/// documented schema (docs/status.md, [`crate::ops::status::STATUS_SCHEMA_VERSION`]): fields are
-/// only ever added; a rename or removal bumps the version.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Status {
-    pub schema_version: u32,
-    /// `secured`, `warning` (AKL past `warn_at`), `rekeying` (a rollover in progress) or `stalled`.
-    pub state: &'static str,
-    pub link: String,
-    pub role: &'static str,
-    pub profile: &'static str,
-    pub stalled: bool,
-    pub stall_reason: Option<String>,
-    pub active_key_id: Option<String>,
-    pub active_kn: Option<u32>,
-    pub active_an: Option<u8>,
+/// What a link is doing, for the operator (`ops` turns it into the status JSON and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    Secured,
+    /// The active key is past `warn_at` of its lifetime.
+    Warning,
+    /// A rollover is in progress.
+    Rekeying,
+    Stalled,
+}
+
+/// A typed snapshot of one link's control state (no key material, no presentation: `ops`
+/// owns the status schema and builds it from this when a client asks).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub state: LinkState,
+    pub label: String,
+    pub role: Role,
+    pub profile: ProfileKind,
+    pub stall_reason: Option<StallReason>,
+    /// The key and AN this gateway transmits with.
+    pub active: Option<(KeyRef, u8)>,
+    /// Fraction of the active key's lifetime used.
     pub used: Option<f64>,
     pub keys_held: usize,
-    pub anchor: Option<String>,
-    pub peer_mac: Option<String>,
+    pub anchor: Option<KeyId>,
+    pub peer_mac: Option<[u8; 6]>,
     pub alarms: u64,
-    pub last_report: Option<String>,
-    pub rollover_in_progress: bool,
-    /// The key_ID and AN of the rollover in progress.
-    pub next_key_id: Option<String>,
-    pub next_an: Option<u8>,
-    /// What is left of the active key's lifetime (absent while stalled).
-    pub akl_remaining_seconds: Option<f64>,
-    pub akl_remaining_frames: Option<u64>,
-    /// k of the sak profile (absent in the cak profile).
+    pub last_report: Option<Report>,
+    /// The key and AN of the rollover in progress.
+    pub next: Option<(KeyRef, u8)>,
+    /// Time and packet numbers left of the active key's lifetime.
+    pub remaining: Option<(Duration, u64)>,
+    /// k of the sak profile.
     pub key_buffer_capacity: Option<usize>,
     pub consecutive_fetch_failures: u32,
     pub warnings: u64,
     /// Keys this gateway switched its TX to since the agent started.
     pub rollovers: u64,
-    /// Master: from picking the SAK to both ends transmitting with it; slave: from the
-    /// INSTALL to its own switch.
-    pub last_rekey_ms: Option<f64>,
-    /// Filled by the IO layer (KME latency, data plane counters).
-    #[serde(flatten)]
-    pub io: crate::ops::status::IoStats,
+    /// Master: from picking the SAK to both ends transmitting with it; slave: from the INSTALL
+    /// to its own switch.
+    pub last_rekey: Option<Duration>,
 }
 
-fn mac_str(m: [u8; 6]) -> String {
+/// `02:00:00:00:00:0b`, for logs.
+pub fn mac_str(m: [u8; 6]) -> String {
     m.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
@@ -266,8 +294,8 @@ fn nack_for(e: &ProfileError) -> NackReason {
 impl LinkCore {
     /// `start`: see [`Start`]. `nonce` fills KS-nonces (CAK profile) from a cryptographic
     /// random source.
-    pub fn new(link: &Link, start: Start, nonce: NonceSource, now: Instant) -> Self {
-        let mut core = Self::build(link, start, nonce, now);
+    pub fn new(cfg: CoreConfig, start: Start, nonce: NonceSource, now: Instant) -> Self {
+        let mut core = Self::build(cfg, start, nonce, now);
         core.pump(now);
         core
     }
@@ -277,13 +305,13 @@ impl LinkCore {
     /// does not land on the AN the peer may still transmit on with the old key, which the peer
     /// would refuse (docs/protocol.md 3.3, "Restart").
     pub fn new_with_first_an(
-        link: &Link,
+        cfg: CoreConfig,
         start: Start,
         nonce: NonceSource,
         first_an: u8,
         now: Instant,
     ) -> Self {
-        let mut core = Self::build(link, start, nonce, now);
+        let mut core = Self::build(cfg, start, nonce, now);
         // `next_an` starts after `last_an`.
         core.last_an = Some((first_an + 3) % 4);
         core.pump(now);
@@ -296,13 +324,13 @@ impl LinkCore {
     /// because the key bytes died with the previous agent (no SAK can be derived from a CAK we
     /// no longer hold, and no rollover can reuse the adopted key).
     pub fn new_adopted(
-        link: &Link,
+        cfg: CoreConfig,
         start: Start,
         nonce: NonceSource,
         adoption: Adoption,
         now: Instant,
     ) -> Self {
-        let mut core = Self::build(link, start, nonce, now);
+        let mut core = Self::build(cfg, start, nonce, now);
         match now.checked_sub(adoption.age) {
             Some(since) => {
                 let Adoption {
@@ -326,28 +354,29 @@ impl LinkCore {
         core
     }
 
-    fn build(link: &Link, start: Start, nonce: NonceSource, now: Instant) -> Self {
-        let params = Params::from_link(link);
-        let tolerated = match link.profile {
-            ProfileKind::Cak => link.cak.tolerated_failures,
-            // A full buffer rides out k failed requests.
-            ProfileKind::Sak => link.sak.buffer,
-        };
-        let mut keyx = Keyx::new(
-            KeyxConfig::from_link(link, start.initial_seq, start.incarnation, start.local_sci),
-            now,
-        );
+    fn build(cfg: CoreConfig, start: Start, nonce: NonceSource, now: Instant) -> Self {
+        let CoreConfig {
+            label,
+            keyx: mut kc,
+            profile,
+            limits,
+        } = cfg;
+        kc.initial_seq = start.initial_seq;
+        kc.incarnation = start.incarnation;
+        kc.local_sci = start.local_sci;
+        let role = kc.role;
+        let mut keyx = Keyx::new(kc, now);
         for k in start.used_keys {
             keyx.retire(k);
         }
         Self {
-            label: link.label().to_owned(),
-            role: link.role(),
-            kind: link.profile,
-            key_len: params.qkd_key_len(),
+            label,
+            role,
+            kind: profile.kind,
+            key_len: profile.qkd_key_len(),
             keyx,
-            supply: KeySupply::new(params, now),
-            wd: Watchdog::new(Limits::from_config(&link.akl, link.cipher, tolerated)),
+            supply: KeySupply::new(profile, now),
+            wd: Watchdog::new(limits),
             nonce,
             roll: Roll::Idle,
             rollover_wanted: false,
@@ -402,7 +431,7 @@ impl LinkCore {
         self.active_since().map(|s| s + self.wd.limits().max_age)
     }
 
-    pub fn status(&self, now: Instant) -> Status {
+    pub fn snapshot(&self, now: Instant) -> Snapshot {
         let next = match &self.roll {
             Roll::Idle => None,
             Roll::MasterPreparingRx { sak, an }
@@ -412,54 +441,36 @@ impl LinkCore {
             | Roll::SlaveActivatingTx { sak, an, .. } => Some((sak.key_ref, *an)),
         };
         let used = self.wd.used(now);
-        let remaining = self.wd.remaining(now);
         let state = if self.wd.is_stalled() {
-            "stalled"
+            LinkState::Stalled
         } else if used.is_some_and(|u| u >= self.wd.limits().warn_at) {
-            "warning"
+            LinkState::Warning
         } else if next.is_some() {
-            "rekeying"
+            LinkState::Rekeying
         } else {
-            "secured"
+            LinkState::Secured
         };
-        Status {
-            schema_version: crate::ops::status::STATUS_SCHEMA_VERSION,
+        Snapshot {
             state,
-            link: self.label.clone(),
-            role: match self.role {
-                Role::Master => "master",
-                Role::Slave => "slave",
-            },
-            profile: match self.kind {
-                ProfileKind::Cak => "cak",
-                ProfileKind::Sak => "sak",
-            },
-            stalled: self.wd.is_stalled(),
-            stall_reason: self.wd.stall_reason().map(|r| match r {
-                StallReason::NoKey => "no key installed yet".to_owned(),
-                StallReason::Exhausted(by) => format!("active key lifetime exhausted ({by:?})"),
-            }),
-            active_key_id: self.active.map(|(k, _)| k.key_id.to_string()),
-            active_kn: self.active.map(|(k, _)| k.kn),
-            active_an: self.active.map(|(_, an)| an),
+            label: self.label.clone(),
+            role: self.role,
+            profile: self.kind,
+            stall_reason: self.wd.stall_reason(),
+            active: self.active,
             used,
             keys_held: self.supply.held(),
-            anchor: self.keyx.anchor().map(|k| k.to_string()),
-            peer_mac: self.peer_mac.map(mac_str),
+            anchor: self.keyx.anchor(),
+            peer_mac: self.peer_mac,
             alarms: self.alarms,
-            last_report: self.last_report.as_ref().map(|r| format!("{r:?}")),
-            rollover_in_progress: !matches!(self.roll, Roll::Idle),
-            next_key_id: next.map(|(k, _)| k.key_id.to_string()),
-            next_an: next.map(|(_, an)| an),
-            akl_remaining_seconds: remaining.map(|(t, _)| t.as_secs_f64()),
-            akl_remaining_frames: remaining.map(|(_, f)| f),
+            last_report: self.last_report.clone(),
+            next,
+            remaining: self.wd.remaining(now),
             key_buffer_capacity: (self.kind == ProfileKind::Sak)
                 .then_some(self.supply.params().buffer),
             consecutive_fetch_failures: self.supply.consecutive_failures(),
             warnings: self.warnings,
             rollovers: self.rollovers,
-            last_rekey_ms: self.last_rekey.map(|d| d.as_secs_f64() * 1e3),
-            io: Default::default(),
+            last_rekey: self.last_rekey,
         }
     }
 
@@ -691,7 +702,11 @@ impl LinkCore {
             if self.active.map(|(_, a)| a) == Some(an) {
                 continue;
             }
-            self.commands.push_back(Command::RetireTx { an });
+            self.commands.push_back(if self.wd.is_stalled() {
+                Command::RemoveStalledTx { an }
+            } else {
+                Command::RetireTx { an }
+            });
             // A stalled link's exhausted key goes at once; an old key is accepted until the
             // peer has switched, but never beyond the key's lifetime counted from its
             // activation (not from the switch away from it).

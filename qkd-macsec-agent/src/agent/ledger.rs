@@ -51,7 +51,8 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// Loads the link's ledger (an empty one when there is none yet).
+    /// Loads the ledger called `name` (the agent uses the link's SAE pair; an empty ledger
+    /// when there is none yet).
     pub fn open(dir: &Path, link: &str) -> Result<Ledger, LedgerError> {
         let name = format!(
             "{}.used-keys",

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::core::Adoption;
 use super::statefile::{self, StateError};
 use crate::keyx::KeyId;
 use crate::watchdog::KeyRef;
@@ -40,18 +41,6 @@ pub struct KeyRecord {
     pub peer_mac: [u8; 6],
     /// `CLOCK_BOOTTIME` in milliseconds when the key became active.
     pub active_since_boot_ms: u64,
-}
-
-/// A record checked against the kernel: the key to adopt and how old it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Adoption {
-    pub key: KeyRef,
-    pub an: u8,
-    pub peer_mac: [u8; 6],
-    /// Age of the key now.
-    pub age: Duration,
-    /// Next PN of our TX SA, from the kernel.
-    pub tx_pn: u64,
 }
 
 /// Errors reading or writing a record (never fatal: without a record the link re-keys).

@@ -6,16 +6,15 @@
 //! stays in force (the data plane keeps its pins), so stopping the agent never opens the link.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 
-use super::core::{Command, FetchedKey, LinkCore, NonceSource, Start, Status, RX_SA_FIRST_PN};
+use super::core::{Adoption, Command, FetchedKey, LinkCore, NonceSource, Start, RX_SA_FIRST_PN};
 use super::ledger::Ledger;
-use super::record::{self, Adoption, KeyRecord};
+use super::record::{self, KeyRecord};
 use crate::certs::tls::TlsFiles;
 use crate::config::{Config, Link, Role};
 use crate::dataplane::{Dataplane, DataplaneEvent, DataplaneOptions, Direction};
@@ -79,36 +78,31 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 
 async fn run_async(cfg: Config) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let statuses: Arc<Mutex<Vec<Option<Status>>>> =
-        Arc::new(Mutex::new(vec![None; cfg.link.len()]));
+    let (hub, status_requests) = crate::ops::StatusHub::new(cfg.link.len());
     let status_gid = cfg
         .global
         .status_group
         .as_deref()
         .map(crate::ops::socket::resolve_group)
         .transpose()?;
-    let status_task = spawn_status_socket(
-        cfg.global.status_socket.clone(),
-        status_gid,
-        statuses.clone(),
-    )?;
+    let status_task =
+        spawn_status_socket(cfg.global.status_socket.clone(), status_gid, hub.clone())?;
     let metrics_task = match cfg.global.metrics_address {
-        Some(addr) => Some(crate::ops::metrics::serve(addr, statuses.clone()).await?.1),
+        Some(addr) => Some(crate::ops::metrics::serve(addr, hub.clone()).await?.1),
         None => None,
     };
     let alarms = crate::ops::alarm::AlarmSink::start(cfg.global.alarm_hook.clone());
-    let _drop_caps = crate::privs::spawn_drop_when_started(cfg.link.len());
+    let (startup_tokens, drop_caps) = crate::privs::drop_when_started(cfg.link.len());
     let mut tasks = Vec::new();
-    for (i, link) in cfg.link.iter().enumerate() {
+    for ((link, status_rx), startup) in cfg.link.iter().zip(status_requests).zip(startup_tokens) {
         let link = link.clone();
         let global = cfg.global.clone();
         let stop = stop_rx.clone();
-        let statuses = statuses.clone();
         let alarms = alarms.clone();
         tasks.push(tokio::spawn(async move {
             let label = link.label().to_owned();
-            let r = run_link(i, link, global, stop, statuses, alarms).await;
-            crate::privs::link_ready(i);
+            // The token goes with the link: ready once it started, dropped if it failed first.
+            let r = run_link(link, global, stop, status_rx, startup, alarms).await;
             if let Err(e) = &r {
                 tracing::error!(link = %label, error = format!("{e:#}"), "link stopped");
             }
@@ -119,9 +113,23 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
         .context("installing the SIGTERM handler")?;
     let all = futures_join(tasks);
     tokio::pin!(all);
+    // Completes only if dropping privileges after start-up failed: then everything stops.
+    let drop_failed = async {
+        match drop_caps.await {
+            Ok(Ok(())) => std::future::pending().await,
+            Ok(Err(e)) => anyhow::Error::new(e).context("dropping capabilities after start-up"),
+            Err(e) => anyhow::anyhow!("the capability drop task failed: {e}"),
+        }
+    };
+    let mut errors = Vec::new();
     let result = tokio::select! {
         _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); None }
         _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); None }
+        e = drop_failed => {
+            tracing::error!(error = format!("{e:#}"), "stopping");
+            errors.push(e);
+            None
+        }
         r = &mut all => Some(r),
     };
     let _ = stop_tx.send(true);
@@ -133,22 +141,29 @@ async fn run_async(cfg: Config) -> anyhow::Result<()> {
     if let Some(t) = metrics_task {
         t.abort();
     }
-    let _ = std::fs::remove_file(&cfg.global.status_socket);
-    let mut first_err = None;
+    if let Err(e) = std::fs::remove_file(&cfg.global.status_socket) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            errors.push(anyhow::Error::new(e).context(format!(
+                "removing the status socket {}",
+                cfg.global.status_socket.display()
+            )));
+        }
+    }
+    // Every link's outcome is reported, not only the first failure.
     for r in results {
         match r {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                first_err.get_or_insert(e);
-            }
-            Err(join) => {
-                first_err.get_or_insert(anyhow::anyhow!("link task panicked: {join}"));
-            }
+            Ok(Err(e)) => errors.push(e),
+            Err(join) => errors.push(anyhow::anyhow!("link task panicked: {join}")),
         }
     }
-    match first_err {
-        Some(e) => Err(e),
-        None => Ok(()),
+    match errors.len() {
+        0 => Ok(()),
+        1 => Err(errors.remove(0)),
+        n => {
+            let all: Vec<String> = errors.iter().map(|e| format!("{e:#}")).collect();
+            Err(anyhow::anyhow!("{n} failures: {}", all.join("; ")))
+        }
     }
 }
 
@@ -162,12 +177,12 @@ async fn futures_join<T>(
     out
 }
 
-/// Serves the statuses as one JSON array per connection (schema: docs/status.md). Mode 0660,
-/// root and `gid` only (crate::ops::socket).
+/// Serves the statuses as one JSON array per connection (schema: docs/status.md), asking every
+/// link for its status per connection. Mode 0660, root and `gid` only (crate::ops::socket).
 fn spawn_status_socket(
     path: PathBuf,
     gid: Option<u32>,
-    statuses: Arc<Mutex<Vec<Option<Status>>>>,
+    hub: crate::ops::StatusHub,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = crate::ops::socket::bind_status_socket(&path, gid)?;
     Ok(tokio::spawn(async move {
@@ -175,12 +190,13 @@ fn spawn_status_socket(
             let Ok((mut conn, _)) = listener.accept().await else {
                 continue;
             };
-            let body = {
-                let s = statuses.lock().unwrap_or_else(|p| p.into_inner());
-                serde_json::to_vec(&*s).unwrap_or_default()
-            };
-            let _ = conn.write_all(&body).await;
-            let _ = conn.write_all(b"\n").await;
+            let hub = hub.clone();
+            // Each client on its own task: one that reads slowly holds up nobody.
+            tokio::spawn(async move {
+                let body = serde_json::to_vec(&hub.collect().await).unwrap_or_default();
+                let _ = conn.write_all(&body).await;
+                let _ = conn.write_all(b"\n").await;
+            });
         }
     }))
 }
@@ -288,8 +304,10 @@ struct LinkIo {
     lldp: LldpSender,
     kme: KmeClient,
     kme_tx: mpsc::Sender<KmeResult>,
+    /// KME requests in flight: owned by the link, so they end with it (dropping the set aborts
+    /// them) and never answer a link that is gone.
+    kme_tasks: tokio::task::JoinSet<()>,
     xpn: bool,
-    peer_mac: Option<[u8; 6]>,
     /// The peer MAC the data plane's rate limiter gives its own bucket (see `sync_lldp_peer`).
     dp_peer: Option<[u8; 6]>,
     ops: crate::ops::LinkOps,
@@ -305,18 +323,23 @@ struct LinkIo {
 }
 
 async fn run_link(
-    index: usize,
     link: Link,
     global: crate::config::Global,
     mut stop: watch::Receiver<bool>,
-    statuses: Arc<Mutex<Vec<Option<Status>>>>,
+    mut status_rx: mpsc::Receiver<crate::ops::StatusRequest>,
+    mut startup: crate::privs::StartupToken,
     alarms: crate::ops::alarm::AlarmSink,
 ) -> anyhow::Result<()> {
     let label = link.label().to_owned();
     // Before anything touches the kernel: without its ledger a link could install a key that
     // an earlier life already used.
-    let ledger = Ledger::open(&global.ledger_dir, &label)
-        .with_context(|| format!("loading the ledger of used keys of link {label}"))?;
+    // Named after the SAE pair, which names the stream of keys the KMEs serve (the config
+    // refuses one pair on two links): renaming the link or its interface keeps its ledger.
+    let ledger = Ledger::open(
+        &global.ledger_dir,
+        &format!("{}--{}", link.local_sae_id, link.peer_sae_id),
+    )
+    .with_context(|| format!("loading the ledger of used keys of link {label}"))?;
     warn_if_volatile(&global.ledger_dir, &label);
     let mut macsec = Macsec::open().context("opening kernel MACsec")?;
     let lcfg = macsec::LinkConfig::new(&link.macsec_interface, &link.lower_interface, link.cipher);
@@ -376,11 +399,17 @@ async fn run_link(
         used_keys: ledger.used(),
     };
     let mut core = match (adoption, first_an) {
-        (Some(a), _) => LinkCore::new_adopted(&link, start, nonce_source(), a, Instant::now()),
-        (None, Some(an)) => {
-            LinkCore::new_with_first_an(&link, start, nonce_source(), an.get(), Instant::now())
+        (Some(a), _) => {
+            LinkCore::new_adopted(link.core_config(), start, nonce_source(), a, Instant::now())
         }
-        (None, None) => LinkCore::new(&link, start, nonce_source(), Instant::now()),
+        (None, Some(an)) => LinkCore::new_with_first_an(
+            link.core_config(),
+            start,
+            nonce_source(),
+            an.get(),
+            Instant::now(),
+        ),
+        (None, None) => LinkCore::new(link.core_config(), start, nonce_source(), Instant::now()),
     };
     let mut io = LinkIo {
         label: label.clone(),
@@ -394,9 +423,9 @@ async fn run_link(
         lldp,
         kme,
         kme_tx,
+        kme_tasks: tokio::task::JoinSet::new(),
         xpn: link.cipher.is_xpn(),
         ops: crate::ops::LinkOps::new(&label, alarms),
-        peer_mac: adopted_peer,
         dp_peer: adopted_peer,
         tx_kernel_key_id: adopted_kid,
         state_dir: global.state_dir.clone(),
@@ -405,21 +434,24 @@ async fn run_link(
         ledger,
     };
     tracing::info!(link = %label, role = ?io.role, lower = %link.lower_interface, macsec = %link.macsec_interface, "link started");
-    crate::privs::link_ready(index);
+    startup.ready();
     let mut poll = tokio::time::interval(POLL_INTERVAL);
     loop {
+        // Reap finished KME requests (their results came through `kme_rx`).
+        while io.kme_tasks.try_join_next().is_some() {}
         io.execute(&mut core);
         io.sync_lldp_peer(&core);
         io.record(&core);
         io.key_deadline(&core);
-        if let Ok(mut s) = statuses.lock() {
-            s[index] = Some(io.ops.complete(core.status(Instant::now())));
-        }
+        io.ops.observe(&core.snapshot(Instant::now()));
         let wake = core
             .poll_timeout()
             .unwrap_or_else(|| Instant::now() + POLL_INTERVAL);
         tokio::select! {
             _ = stop.changed() => break,
+            Some(reply) = status_rx.recv() => {
+                let _ = reply.send(io.ops.status(&core.snapshot(Instant::now())));
+            }
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {
                 core.handle_timeout(Instant::now());
             }
@@ -612,51 +644,14 @@ impl LinkIo {
         }
     }
 
+    /// Carries out every command the core has queued, in order, feeding results back to it.
     fn execute(&mut self, core: &mut LinkCore) {
         while let Some(c) = core.poll_command() {
             let now = Instant::now();
             match c {
-                Command::FetchEncKey { size_bytes } => {
-                    let kme = self.kme.clone();
-                    let tx = self.kme_tx.clone();
-                    let slave = self.peer_sae.clone();
-                    tokio::spawn(async move {
-                        let started = Instant::now();
-                        let r = kme.enc_keys(&slave, 1, Some((size_bytes * 8) as u32)).await;
-                        let meta = FetchMeta::of(started, &r);
-                        let r = r.map_err(|e| e.to_string()).and_then(|mut keys| {
-                            let k = keys.pop().ok_or_else(|| "KME returned no key".to_owned())?;
-                            let key_id =
-                                k.id.hyphenated()
-                                    .to_string()
-                                    .parse::<KeyId>()
-                                    .map_err(|e| e.to_string())?;
-                            Ok(FetchedKey {
-                                key_id,
-                                key: k.material,
-                                slave_deadline: k.slave_deadline,
-                            })
-                        });
-                        let _ = tx.send(KmeResult::Enc(r, meta)).await;
-                    });
-                }
+                Command::FetchEncKey { size_bytes } => self.fetch_enc_key(size_bytes),
                 Command::FetchDecKey { key_id, size_bytes } => {
-                    let kme = self.kme.clone();
-                    let tx = self.kme_tx.clone();
-                    let master = self.peer_sae.clone();
-                    tokio::spawn(async move {
-                        let uuid = uuid::Uuid::from_bytes(key_id.0);
-                        let started = Instant::now();
-                        let r = kme
-                            .dec_key(&master, uuid, Some((size_bytes * 8) as u32))
-                            .await;
-                        let meta = FetchMeta::of(started, &r);
-                        let r = r.map(|k| k.material).map_err(|e| {
-                            tracing::warn!(%key_id, error = %e, "dec_keys failed");
-                            nack_of(&e)
-                        });
-                        let _ = tx.send(KmeResult::Dec(key_id, r, meta)).await;
-                    });
+                    self.fetch_dec_key(key_id, size_bytes)
                 }
                 Command::SendTlv(p) => {
                     if let Err(e) = self.lldp.send_lldpdu(&p, LLDP_TTL, self.oui, self.subtype) {
@@ -664,87 +659,25 @@ impl LinkIo {
                     }
                 }
                 Command::PrepareRx { peer_mac, an, sak } => {
-                    // Every key's first SA is this one (master and slave both prepare RX
-                    // before anything transmits with it): on record first, or not at all.
-                    if let Err(e) = self.ledger.record(sak.key_ref.key_id) {
-                        tracing::error!(link = %self.label, error = %e, "cannot record the key as used; not installing it");
-                        core.handle_rx_prepared(
-                            an,
-                            Err(format!("recording the key in the ledger: {e}")),
-                            now,
-                        );
-                        continue;
-                    }
-                    self.peer_mac = Some(peer_mac);
                     let active_an = core.active().map(|(_, a)| a);
-                    let key = sa_key(sak, self.role, false);
-                    let r = An::new(an).and_then(|a| {
-                        let peer = sci(peer_mac);
-                        match self
-                            .macsec
-                            .prepare_rx(&self.mlink, peer, a, &key, RX_SA_FIRST_PN)
-                        {
-                            // Left over from a rollover that failed half way (or from before a
-                            // restart). Never the AN we receive on now, so it carries nothing.
-                            Err(macsec::MacsecError::SaOccupied { .. })
-                                if active_an != Some(an) =>
-                            {
-                                tracing::info!(link = %self.label, an, "replacing a stale RX SA");
-                                self.macsec.retire_rx(&self.mlink, peer, a)?;
-                                self.macsec
-                                    .prepare_rx(&self.mlink, peer, a, &key, RX_SA_FIRST_PN)
-                            }
-                            r => r,
-                        }
-                    });
-                    core.handle_rx_prepared(an, r.map(|_| ()).map_err(|e| e.to_string()), now);
+                    let r = self.prepare_rx(peer_mac, an, sak, active_an);
+                    core.handle_rx_prepared(an, r, now);
                 }
                 Command::ActivateTx { an, sak } => {
-                    let kid = macsec::KeyId(sak.kernel_key_id);
-                    self.tx_kernel_key_id = Some((an, sak.kernel_key_id));
                     let active_an = core.active().map(|(_, a)| a);
-                    let key = sa_key(sak, self.role, true);
-                    let r = An::new(an).and_then(|a| {
-                        let confirmed = PeerRxConfirmation::from_peer(a, kid);
-                        match self
-                            .macsec
-                            .activate_tx(&mut self.mlink, a, &key, &confirmed)
-                        {
-                            // A stale TX SA on an AN that is not our active key's: remove,
-                            // then retry.
-                            Err(macsec::MacsecError::SaOccupied { .. })
-                                if active_an != Some(an) =>
-                            {
-                                if a == self.mlink.encoding_sa {
-                                    // Still the kernel's encoding SA (left by a previous agent,
-                                    // or set by someone else): `retire_tx` refuses that one, and
-                                    // a retry would meet it again. It is no key of ours: remove
-                                    // it as an exhausted one; the switch below follows at once.
-                                    tracing::warn!(link = %self.label, an, "replacing a stale TX SA that is still the encoding SA");
-                                    self.macsec.remove_stalled_tx(&self.mlink, a)?;
-                                } else {
-                                    tracing::info!(link = %self.label, an, "replacing a stale TX SA");
-                                    self.macsec.retire_tx(&self.mlink, a)?;
-                                }
-                                self.macsec
-                                    .activate_tx(&mut self.mlink, a, &key, &confirmed)
-                            }
-                            r => r,
-                        }
-                    });
-                    core.handle_tx_activated(an, r.map(|_| ()).map_err(|e| e.to_string()), now);
+                    let r = self.activate_tx(an, sak, active_an);
+                    core.handle_tx_activated(an, r.map_err(|e| e.to_string()), now);
                 }
                 Command::RetireTx { an } => {
-                    let r = An::new(an).and_then(|a| {
-                        if core.is_stalled() {
-                            // The exhausted key's SA goes even if it is the encoding SA.
-                            self.macsec.remove_stalled_tx(&self.mlink, a)
-                        } else {
-                            self.macsec.retire_tx(&self.mlink, a)
-                        }
-                    });
+                    let r = An::new(an).and_then(|a| self.macsec.retire_tx(&self.mlink, a));
                     if let Err(e) = r {
                         tracing::warn!(link = %self.label, an, error = %e, "retiring TX SA failed");
+                    }
+                }
+                Command::RemoveStalledTx { an } => {
+                    let r = An::new(an).and_then(|a| self.macsec.remove_stalled_tx(&self.mlink, a));
+                    if let Err(e) = r {
+                        tracing::warn!(link = %self.label, an, error = %e, "removing the exhausted TX SA failed");
                     }
                 }
                 Command::RetireRx { peer_mac, an } => {
@@ -773,21 +706,7 @@ impl LinkIo {
                     an,
                     peer_mac,
                     tx_thresholds,
-                } => {
-                    // Thresholds on our TX SA only. The RX SA is counted for the statistics
-                    // and explicitly disarmed (registering keeps what a pinned map holds, e.g.
-                    // thresholds an older agent armed): its frames are unauthenticated in XDP.
-                    let [tx, rx] = self.sa_keys(an, peer_mac);
-                    for (key, thresholds) in [(tx, &tx_thresholds[..]), (rx, &[][..])] {
-                        let r = self
-                            .dp
-                            .register_sa(key, self.xpn, 0)
-                            .and_then(|_| self.dp.set_thresholds(&key, thresholds));
-                        if let Err(e) = r {
-                            tracing::error!(link = %self.label, sa = %key, error = %e, "cannot watch SA");
-                        }
-                    }
-                }
+                } => self.watch_sa(an, peer_mac, &tx_thresholds),
                 Command::UnwatchSa { an, peer_mac } => {
                     for key in self.sa_keys(an, peer_mac) {
                         let _ = self.dp.unregister_sa(&key);
@@ -795,6 +714,138 @@ impl LinkIo {
                 }
                 // Logged with a stable identifier (docs/alarms.md), hook run, status updated.
                 Command::Report(r) => self.ops.report(&r),
+            }
+        }
+    }
+
+    /// `enc_keys` for one key, answered through `kme_rx`.
+    fn fetch_enc_key(&mut self, size_bytes: usize) {
+        let kme = self.kme.clone();
+        let tx = self.kme_tx.clone();
+        let slave = self.peer_sae.clone();
+        self.kme_tasks.spawn(async move {
+            let started = Instant::now();
+            let r = kme.enc_keys(&slave, 1, Some((size_bytes * 8) as u32)).await;
+            let meta = FetchMeta::of(started, &r);
+            let r = r.map_err(|e| e.to_string()).and_then(|mut keys| {
+                let k = keys.pop().ok_or_else(|| "KME returned no key".to_owned())?;
+                Ok(FetchedKey {
+                    key_id: KeyId(k.id.into_bytes()),
+                    key: k.material,
+                    slave_deadline: k.slave_deadline,
+                })
+            });
+            let _ = tx.send(KmeResult::Enc(r, meta)).await;
+        });
+    }
+
+    /// `dec_keys` for `key_id`, answered through `kme_rx`.
+    fn fetch_dec_key(&mut self, key_id: KeyId, size_bytes: usize) {
+        let kme = self.kme.clone();
+        let tx = self.kme_tx.clone();
+        let master = self.peer_sae.clone();
+        self.kme_tasks.spawn(async move {
+            let started = Instant::now();
+            let r = kme
+                .dec_key(
+                    &master,
+                    uuid::Uuid::from_bytes(key_id.0),
+                    Some((size_bytes * 8) as u32),
+                )
+                .await;
+            let meta = FetchMeta::of(started, &r);
+            let r = r.map(|k| k.material).map_err(|e| {
+                tracing::warn!(%key_id, error = %e, "dec_keys failed");
+                nack_of(&e)
+            });
+            let _ = tx.send(KmeResult::Dec(key_id, r, meta)).await;
+        });
+    }
+
+    /// The peer's RX SA at `an`. Every key's first SA is this one (master and slave both
+    /// prepare RX before anything transmits with it), so the key goes on the ledger first, or
+    /// nothing is installed.
+    fn prepare_rx(
+        &mut self,
+        peer_mac: [u8; 6],
+        an: u8,
+        sak: Sak,
+        active_an: Option<u8>,
+    ) -> Result<(), String> {
+        if let Err(e) = self.ledger.record(sak.key_ref.key_id) {
+            tracing::error!(link = %self.label, error = %e, "cannot record the key as used; not installing it");
+            return Err(format!("recording the key in the ledger: {e}"));
+        }
+        let key = sa_key(sak, self.role, false);
+        let r = An::new(an).and_then(|a| {
+            let peer = sci(peer_mac);
+            match self
+                .macsec
+                .prepare_rx(&self.mlink, peer, a, &key, RX_SA_FIRST_PN)
+            {
+                // Left over from a rollover that failed half way (or from before a restart).
+                // Never the AN we receive on now, so it carries nothing.
+                Err(macsec::MacsecError::SaOccupied { .. }) if active_an != Some(an) => {
+                    tracing::info!(link = %self.label, an, "replacing a stale RX SA");
+                    self.macsec.retire_rx(&self.mlink, peer, a)?;
+                    self.macsec
+                        .prepare_rx(&self.mlink, peer, a, &key, RX_SA_FIRST_PN)
+                }
+                r => r,
+            }
+        });
+        r.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// Our TX SA at `an`, and the switch of the encoding SA to it.
+    fn activate_tx(
+        &mut self,
+        an: u8,
+        sak: Sak,
+        active_an: Option<u8>,
+    ) -> Result<(), macsec::MacsecError> {
+        let kid = macsec::KeyId(sak.kernel_key_id);
+        self.tx_kernel_key_id = Some((an, sak.kernel_key_id));
+        let key = sa_key(sak, self.role, true);
+        let a = An::new(an)?;
+        let confirmed = PeerRxConfirmation::from_peer(a, kid);
+        match self
+            .macsec
+            .activate_tx(&mut self.mlink, a, &key, &confirmed)
+        {
+            // A stale TX SA on an AN that is not our active key's: remove, then retry.
+            Err(macsec::MacsecError::SaOccupied { .. }) if active_an != Some(an) => {
+                if a == self.mlink.encoding_sa {
+                    // Still the kernel's encoding SA (left by a previous agent, or set by
+                    // someone else): `retire_tx` refuses that one, and a retry would meet it
+                    // again. It is no key of ours: remove it as an exhausted one; the switch
+                    // below follows at once.
+                    tracing::warn!(link = %self.label, an, "replacing a stale TX SA that is still the encoding SA");
+                    self.macsec.remove_stalled_tx(&self.mlink, a)?;
+                } else {
+                    tracing::info!(link = %self.label, an, "replacing a stale TX SA");
+                    self.macsec.retire_tx(&self.mlink, a)?;
+                }
+                self.macsec
+                    .activate_tx(&mut self.mlink, a, &key, &confirmed)
+                    .map(|_| ())
+            }
+            r => r.map(|_| ()),
+        }
+    }
+
+    /// Counts our TX SA and the peer's RX SA on `an`. Thresholds on our TX SA only: the RX SA
+    /// is counted for the statistics and explicitly disarmed (registering keeps what a pinned
+    /// map holds, e.g. thresholds an older agent armed): its frames are unauthenticated in XDP.
+    fn watch_sa(&mut self, an: u8, peer_mac: [u8; 6], tx_thresholds: &[u64]) {
+        let [tx, rx] = self.sa_keys(an, peer_mac);
+        for (key, thresholds) in [(tx, tx_thresholds), (rx, &[][..])] {
+            let r = self
+                .dp
+                .register_sa(key, self.xpn, 0)
+                .and_then(|_| self.dp.set_thresholds(&key, thresholds));
+            if let Err(e) = r {
+                tracing::error!(link = %self.label, sa = %key, error = %e, "cannot watch SA");
             }
         }
     }
@@ -827,7 +878,7 @@ impl LinkIo {
                 if let Some(sa) = st.tx_sa(st.encoding_sa) {
                     core.handle_sa_state(sa.an.get(), sa.active, sa.next_pn, now);
                 }
-                if let (Some((_, an)), Some(peer)) = (core.active(), self.peer_mac) {
+                if let (Some((_, an)), Some(peer)) = (core.active(), core.peer_mac()) {
                     let rx = An::new(an)
                         .ok()
                         .and_then(|a| st.rx_sc(sci(peer))?.sa(a).map(|sa| sa.next_pn));
@@ -838,7 +889,7 @@ impl LinkIo {
             }
             Err(e) => tracing::warn!(link = %self.label, error = %e, "reading MACsec state failed"),
         }
-        if let (Some((_, an)), Some(peer)) = (core.active(), self.peer_mac) {
+        if let (Some((_, an)), Some(peer)) = (core.active(), core.peer_mac()) {
             let [tx, _] = self.sa_keys(an, peer);
             if let Ok(c) = self.dp.sa_counters(&tx) {
                 if c.highest_pn > 0 {

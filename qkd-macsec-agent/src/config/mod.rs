@@ -10,6 +10,7 @@
 //! can say more than "not found".
 
 mod duration;
+mod params;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -132,9 +133,9 @@ impl Default for Global {
     }
 }
 
-/// MACsec cipher suites: the kernel layer's type, so config and kernel can never disagree on a
-/// suite's key length, PN space or identifier. Config names are `ip macsec`'s.
-pub use crate::macsec::Cipher;
+pub use crate::cipher::Cipher;
+pub use crate::keyx::Role;
+pub use crate::profile::ProfileKind;
 
 /// Who fetches keys with `enc_keys` and announces them (master) and who fetches by key_ID with
 /// `dec_keys` (slave).
@@ -146,23 +147,6 @@ pub enum RoleSetting {
     /// The gateway whose local SAE-ID sorts first (bytewise) is master. Both ends compute the
     /// same answer from the same two IDs, so no negotiation is needed.
     Auto,
-}
-
-/// The resolved role of this gateway on a link.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Master,
-    Slave,
-}
-
-/// How QKD keys are used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ProfileKind {
-    /// Mode 1: each QKD key is a CAK; SAKs are derived from it (IEEE 802.1X-2010 KDF).
-    Cak,
-    /// Mode 2: each QKD key is a SAK, with a buffer of pre-fetched keys.
-    Sak,
 }
 
 /// One protected link.
@@ -413,8 +397,7 @@ impl Default for KeyxTiming {
     }
 }
 
-/// Longest SAE-ID accepted: it travels in every TLV (see keyx), which has 507 bytes in all.
-pub const MAX_SAE_ID_LEN: usize = 64;
+pub use crate::keyx::wire::MAX_SENDER_LEN as MAX_SAE_ID_LEN;
 
 impl Link {
     /// The label used in logs.

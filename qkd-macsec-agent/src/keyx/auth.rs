@@ -11,7 +11,7 @@
 
 use super::wire::{self, Signer, TAG_LEN};
 use super::KeyId;
-use crate::profile::kdf::{self, KdfError};
+use crate::kdf::{self, KdfError};
 use crate::secret::SecretBytes;
 
 const LABEL: &str = "QKD-MACsec keyx ICK";

@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::auth::Ick;
 use super::wire::{sci_mac, AckOf, Active, Body, KeyRole, Message, NackReason, Nonce, Signer};
-use super::KeyId;
-use crate::config::{Link, Role};
+use super::{KeyId, Role};
 use crate::secret::SecretBytes;
 
 /// Settings of one link's exchange.
@@ -45,22 +44,6 @@ pub struct KeyxConfig {
 }
 
 impl KeyxConfig {
-    pub fn from_link(l: &Link, initial_seq: u64, incarnation: u64, local_sci: u64) -> Self {
-        Self {
-            role: l.role(),
-            local_sae: l.local_sae_id.clone(),
-            peer_sae: l.peer_sae_id.clone(),
-            retransmit_initial: l.keyx.retransmit_initial.get(),
-            retransmit_max: l.keyx.retransmit_max.get(),
-            hello_interval: l.keyx.hello_interval.get(),
-            availability_window: l.kme.availability_window.get(),
-            max_rx_per_sec: l.keyx.max_rx_per_sec,
-            initial_seq,
-            incarnation,
-            local_sci,
-        }
-    }
-
     /// How long the slave waits without an authenticated message from the master before it
     /// acts on unauthenticated ANNOUNCEs again: three HELLOs missed (MKA's peer life is three
     /// hello times too). A restarted master, which has no key in common with the slave, is heard
@@ -85,6 +68,9 @@ pub enum LostReason {
     Timeout,
     /// The slave refused it.
     Refused(NackReason),
+    /// Retired while still being announced (the KME handed out a key_ID that was already in
+    /// use here, and that use ended).
+    Retired,
 }
 
 /// What the exchange tells the IO layer.
@@ -365,7 +351,14 @@ impl Keyx {
         now: Instant,
     ) -> Result<(), KeyxError> {
         self.require(Role::Master)?;
-        if self.retired.contains(&key_id) || self.pending_keys.contains_key(&key_id) {
+        // A key_ID we already know (retired, being announced, or confirmed and held or in
+        // use) that the KME hands out again is never announced a second time: the two would
+        // share one key and one retirement.
+        if self.retired.contains(&key_id)
+            || self.pending_keys.contains_key(&key_id)
+            || self.icks.contains_key(&key_id)
+            || self.confirmed_by.contains_key(&key_id)
+        {
             return Err(KeyxError::Duplicate(key_id));
         }
         let ick = self.derive_ick(&key, key_id)?;
@@ -458,16 +451,7 @@ impl Keyx {
                 });
             }
             Err(reason) => {
-                self.send(
-                    self.anchor,
-                    Body::Nack {
-                        key_id,
-                        role,
-                        kn,
-                        reason,
-                    },
-                    echo,
-                );
+                self.send_nack(self.anchor, key_id, role, kn, reason, echo);
             }
         }
         Ok(())
@@ -501,16 +485,9 @@ impl Keyx {
                     echo,
                 );
             }
-            Err(reason) => self.send(
-                self.auth_for_nack(key_id),
-                Body::Nack {
-                    key_id,
-                    role,
-                    kn,
-                    reason,
-                },
-                echo,
-            ),
+            Err(reason) => {
+                self.send_nack(self.auth_for_nack(key_id), key_id, role, kn, reason, echo)
+            }
         }
         Ok(())
     }
@@ -521,7 +498,13 @@ impl Keyx {
     /// authenticates messages) and any INSTALL naming it is refused from now on.
     pub fn retire(&mut self, key_id: KeyId) {
         self.retired.insert(key_id);
-        self.pending_keys.remove(&key_id);
+        if self.pending_keys.remove(&key_id).is_some() {
+            // Whoever asked for it to be announced waits for an outcome: this is one.
+            self.events.push_back(Event::KeyLost {
+                key_id,
+                reason: LostReason::Retired,
+            });
+        }
         self.confirmed_by.remove(&key_id);
         self.received.remove(&key_id);
         self.outstanding.retain(|r, _| match r {
@@ -782,6 +765,25 @@ impl Keyx {
         }
     }
 
+    /// A NACK of `key_id` for `reason`, bound to the peer incarnation `echo`.
+    fn send_nack(
+        &mut self,
+        auth: Option<KeyId>,
+        key_id: KeyId,
+        role: KeyRole,
+        kn: u32,
+        reason: NackReason,
+        echo: u64,
+    ) {
+        let body = Body::Nack {
+            key_id,
+            role,
+            kn,
+            reason,
+        };
+        self.send(auth, body, echo);
+    }
+
     /// `echo`: the peer incarnation the message answers or is bound to (0 = none).
     fn send(&mut self, auth: Option<KeyId>, body: Body, echo: u64) {
         let msg = Message {
@@ -961,16 +963,7 @@ impl Keyx {
         if !self.retired.contains(&key_id) {
             return false;
         }
-        self.send(
-            self.anchor,
-            Body::Nack {
-                key_id,
-                role,
-                kn,
-                reason: NackReason::Retired,
-            },
-            echo,
-        );
+        self.send_nack(self.anchor, key_id, role, kn, NackReason::Retired, echo);
         true
     }
 
@@ -1047,14 +1040,12 @@ impl Keyx {
             return;
         }
         if !self.icks.contains_key(&key_id) {
-            self.send(
+            self.send_nack(
                 self.anchor,
-                Body::Nack {
-                    key_id,
-                    role,
-                    kn,
-                    reason: NackReason::UnknownKey,
-                },
+                key_id,
+                role,
+                kn,
+                NackReason::UnknownKey,
                 master_incarnation,
             );
             return;
@@ -1070,14 +1061,12 @@ impl Keyx {
         // key as the master means it; the master drops it on this NACK.
         if echo != self.cfg.incarnation {
             self.stats.stale += 1;
-            self.send(
+            self.send_nack(
                 self.auth_for_nack(key_id),
-                Body::Nack {
-                    key_id,
-                    role,
-                    kn,
-                    reason: NackReason::UnknownKey,
-                },
+                key_id,
+                role,
+                kn,
+                NackReason::UnknownKey,
                 master_incarnation,
             );
             return;

@@ -15,6 +15,14 @@ pub mod wire;
 use std::fmt;
 use std::str::FromStr;
 
+/// The resolved role of this gateway on a link: the master fetches keys with `enc_keys` and
+/// announces them, the slave fetches them by key_ID with `dec_keys`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Master,
+    Slave,
+}
+
 /// An ETSI GS QKD 014 key_ID: a UUID, kept as its 16 bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct KeyId(pub [u8; 16]);

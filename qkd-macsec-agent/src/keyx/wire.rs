@@ -40,8 +40,9 @@ pub const TAG_LEN: usize = 16;
 /// Largest payload an organizationally specific TLV can carry after OUI and subtype
 /// (511-byte TLV information string minus 3 + 1).
 pub const MAX_PAYLOAD: usize = 507;
-/// Longest sender SAE-ID on the wire (the config enforces the same bound).
-pub const MAX_SENDER_LEN: usize = crate::config::MAX_SAE_ID_LEN;
+/// Longest sender SAE-ID on the wire: it travels in every TLV, which has 507 bytes in all (the
+/// config refuses longer SAE-IDs).
+pub const MAX_SENDER_LEN: usize = 64;
 /// Smallest valid payload: header, one-byte SAE-ID, tag.
 pub const MIN_PAYLOAD: usize = HEADER_LEN + 1 + TAG_LEN;
 /// AN value meaning "none".

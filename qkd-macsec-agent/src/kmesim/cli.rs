@@ -46,6 +46,11 @@ pub struct SimArgs {
     /// (0 = never). 10 s is what a real KME was observed to do.
     #[arg(long, default_value_t = 10_000)]
     pub availability_timeout_ms: u64,
+    /// Delivered and expired keys kept for the re-serve and re-issue faults (`kme-sim-ctl set
+    /// --reserve-keys true`, `--reissue-keys true`); 0 keeps none, like a KME that forgets a
+    /// delivered key.
+    #[arg(long, default_value_t = 0)]
+    pub key_history: usize,
     /// Eavesdropper QBER (fraction).
     #[arg(long, default_value_t = 0.02)]
     pub qber: f64,
@@ -88,6 +93,7 @@ impl SimArgs {
                 qber: self.qber,
                 qber_abort: self.qber_abort,
                 paused: false,
+                key_history: self.key_history,
             },
             kme_a_id: self.kme_a_id.clone(),
             kme_b_id: self.kme_b_id.clone(),
@@ -187,6 +193,9 @@ pub struct SetArgs {
     /// Fill the pool to capacity now.
     #[arg(long)]
     pub fill: bool,
+    /// Delivered and expired keys kept for --reserve-keys and --reissue-keys (0 = none).
+    #[arg(long)]
+    pub key_history: Option<u64>,
     /// Which KME the fault options below apply to.
     #[arg(long, value_enum, default_value_t = KmeSel::Both)]
     pub kme: KmeSel,
@@ -199,6 +208,14 @@ pub struct SetArgs {
     /// Drop live connections and refuse new ones (true) or accept again (false).
     #[arg(long)]
     pub drop_connections: Option<bool>,
+    /// dec_keys serves delivered and expired keys again, with the same bytes (true), as
+    /// independent field KMEs can.
+    #[arg(long)]
+    pub reserve_keys: Option<bool>,
+    /// enc_keys hands out the keys retained by now again, old key_IDs and bytes, each once,
+    /// before fresh ones (true): a KME rewound to an earlier state. Each switch-on rewinds.
+    #[arg(long)]
+    pub reissue_keys: Option<bool>,
 }
 
 /// `kme-sim-ctl`.
@@ -213,10 +230,13 @@ pub fn run_ctl(args: CtlArgs) -> anyhow::Result<()> {
             availability_timeout_ms: s.availability_timeout_ms,
             max_key_count: s.max_key_count,
             fill: s.fill.then_some(true),
+            key_history: s.key_history,
             kme: Some(s.kme),
             fail_503: s.fail_503,
             latency_ms: s.latency_ms,
             drop_connections: s.drop_connections,
+            reserve_keys: s.reserve_keys,
+            reissue_keys: s.reissue_keys,
         }),
     };
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -48,6 +48,10 @@ pub struct ControlUpdate {
     /// Fill the pool to capacity now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fill: Option<bool>,
+    /// Delivered and expired keys kept for `reserve_keys` and `reissue_keys` (0 = none;
+    /// lowering it drops the oldest at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_history: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kme: Option<KmeSel>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -56,6 +60,13 @@ pub struct ControlUpdate {
     pub latency_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drop_connections: Option<bool>,
+    /// dec_keys serves delivered and expired keys again (see [`super::Faults::reserve_keys`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserve_keys: Option<bool>,
+    /// enc_keys hands out retained keys again (see [`super::Faults::reissue_keys`]); switching
+    /// it on rewinds: every key retained by then is handed out once more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reissue_keys: Option<bool>,
 }
 
 /// Everything the control endpoint reports.
@@ -76,6 +87,18 @@ pub struct SimState {
     pub issued: u64,
     pub delivered: u64,
     pub expired: u64,
+    /// Delivered and expired keys kept at most for the re-serve and re-issue faults (0 = none).
+    #[serde(default)]
+    pub key_history: u64,
+    /// Keys kept now.
+    #[serde(default)]
+    pub retained_keys: u64,
+    /// dec_keys deliveries of keys already delivered or expired (re-serve fault).
+    #[serde(default)]
+    pub reserved: u64,
+    /// Retained keys handed out again by enc_keys (re-issue fault).
+    #[serde(default)]
+    pub reissued: u64,
     pub faults_a: Faults,
     pub faults_b: Faults,
     /// 014 answers by status code since start.
@@ -91,10 +114,16 @@ pub struct SimState {
 }
 
 pub(crate) fn state(shared: &Shared) -> SimState {
-    let (p, stored, pending, c): (_, _, _, LinkCounters) = {
+    let (p, stored, pending, retained, c): (_, _, _, _, LinkCounters) = {
         let mut l = lock(&shared.link);
         let stored = l.stored_key_count(Instant::now());
-        (l.params().clone(), stored, l.pending(), l.counters())
+        (
+            l.params().clone(),
+            stored,
+            l.pending(),
+            l.retained(),
+            l.counters(),
+        )
     };
     let a = &shared.answered;
     SimState {
@@ -111,6 +140,10 @@ pub(crate) fn state(shared: &Shared) -> SimState {
         issued: c.issued,
         delivered: c.delivered,
         expired: c.expired,
+        key_history: p.key_history as u64,
+        retained_keys: retained as u64,
+        reserved: c.reserved,
+        reissued: c.reissued,
         faults_a: shared.faults(Side::A),
         faults_b: shared.faults(Side::B),
         answered_200: a.ok.load(Ordering::Relaxed),
@@ -125,6 +158,11 @@ pub(crate) fn state(shared: &Shared) -> SimState {
 
 pub(crate) fn apply(shared: &Shared, u: &ControlUpdate) -> Result<SimState, String> {
     let now = Instant::now();
+    let sides: &[Side] = match u.kme.unwrap_or_default() {
+        KmeSel::A => &[Side::A],
+        KmeSel::B => &[Side::B],
+        KmeSel::Both => &[Side::A, Side::B],
+    };
     {
         let mut l = lock(&shared.link);
         let mut p = l.params().clone();
@@ -158,16 +196,35 @@ pub(crate) fn apply(shared: &Shared, u: &ControlUpdate) -> Result<SimState, Stri
             }
             p.max_key_count = v;
         }
+        if let Some(v) = u.key_history {
+            if v > super::link::MAX_KEY_HISTORY as u64 {
+                return Err(format!(
+                    "key_history {v} is above the limit {}",
+                    super::link::MAX_KEY_HISTORY
+                ));
+            }
+            p.key_history = v as usize;
+        }
+        if (u.reserve_keys == Some(true) || u.reissue_keys == Some(true)) && p.key_history == 0 {
+            return Err(
+                "reserve_keys and reissue_keys need key_history > 0: the simulator keeps no delivered key to serve again (set key_history, or start kme-sim with --key-history)"
+                    .into(),
+            );
+        }
         l.set_params(p, now);
         if u.fill == Some(true) {
             l.fill(now);
         }
+        // Switching the re-issue fault on rewinds: enc_keys may hand out every key retained so
+        // far once more.
+        let switched_on = u.reissue_keys == Some(true)
+            && sides
+                .iter()
+                .any(|&s| !lock(&shared.faults[Shared::idx(s)]).reissue_keys);
+        if switched_on {
+            l.rewind();
+        }
     }
-    let sides: &[Side] = match u.kme.unwrap_or_default() {
-        KmeSel::A => &[Side::A],
-        KmeSel::B => &[Side::B],
-        KmeSel::Both => &[Side::A, Side::B],
-    };
     for &side in sides {
         let i = Shared::idx(side);
         let mut f = lock(&shared.faults[i]);
@@ -176,6 +233,12 @@ pub(crate) fn apply(shared: &Shared, u: &ControlUpdate) -> Result<SimState, Stri
         }
         if let Some(v) = u.latency_ms {
             f.latency_ms = v;
+        }
+        if let Some(v) = u.reserve_keys {
+            f.reserve_keys = v;
+        }
+        if let Some(v) = u.reissue_keys {
+            f.reissue_keys = v;
         }
         if let Some(v) = u.drop_connections {
             f.drop_connections = v;

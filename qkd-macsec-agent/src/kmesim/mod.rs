@@ -106,6 +106,13 @@ impl SimConfig {
                 l.key_rate
             ));
         }
+        if l.key_history > link::MAX_KEY_HISTORY {
+            return bad(format!(
+                "key history {} is above the limit {}",
+                l.key_history,
+                link::MAX_KEY_HISTORY
+            ));
+        }
         if !(0.0..=1.0).contains(&l.qber) || !(0.0..=1.0).contains(&l.qber_abort) {
             return bad(format!(
                 "QBER {} and abort threshold {} must be fractions in 0..=1",
@@ -160,6 +167,16 @@ pub struct Faults {
     pub latency_ms: u64,
     /// Close live connections now and every new one right after accept.
     pub drop_connections: bool,
+    /// Serve keys again, as independent field KMEs can: dec_keys of a key_ID already delivered
+    /// (or expired) answers with the same bytes (`key_history` bounds what is kept; see
+    /// `link.rs`).
+    #[serde(default)]
+    pub reserve_keys: bool,
+    /// Hand keys out again, as a KME rewound to an earlier state would: enc_keys returns the
+    /// keys retained when the fault was switched on, old key_IDs and bytes, each once, before
+    /// fresh ones.
+    #[serde(default)]
+    pub reissue_keys: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -372,6 +389,7 @@ mod tests {
             (|c| c.link.key_size = 8192, "8192"),
             (|c| c.link.key_rate = f64::NAN, "key rate"),
             (|c| c.link.qber = 2.0, "QBER"),
+            (|c| c.link.key_history = 100_001, "key history 100001"),
             (|c| c.max_key_per_request = 0, "at least 1"),
             (|c| c.saes_b = vec![], "at least one SAE"),
             (|c| c.saes_b = vec!["sae-a".into()], "sae-a"),
@@ -382,5 +400,141 @@ mod tests {
             let e = c.validate().unwrap_err().to_string();
             assert!(e.contains(needle), "{e} lacks {needle}");
         }
+    }
+
+    /// The re-serve and re-issue faults over the real 014 interface, per KME: dec_keys of a
+    /// delivered key answers with the same bytes again, enc_keys hands the old key_ID out again
+    /// once the fault is switched on, and both need a key history.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reserve_and_reissue_serve_delivered_keys_again_per_kme() {
+        use crate::certs::tls::TlsFiles;
+        use crate::etsi014::{KmeClient, KmeClientConfig};
+
+        let dir = std::env::temp_dir().join(format!("qkd-kmesim-reserve-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        crate::certs::init(&crate::certs::InitOptions {
+            out: dir.clone(),
+            hosts: vec![],
+            saes: vec![files::SAE_A.into(), files::SAE_B.into()],
+            days: 2,
+            force: false,
+        })
+        .unwrap();
+        let bind = || async { TcpListener::bind("127.0.0.1:0").await.unwrap() };
+        let mut cfg = SimConfig {
+            prefill: true,
+            ..SimConfig::default()
+        };
+        cfg.link.key_history = 16;
+        let sim = KmeSim::start(
+            cfg,
+            SimTls::from_dir(&dir).unwrap(),
+            bind().await,
+            bind().await,
+            None,
+        )
+        .await
+        .unwrap();
+        let client = |addr: SocketAddr, sae: &str| {
+            KmeClient::new(&KmeClientConfig::new(
+                format!("https://{addr}"),
+                TlsFiles {
+                    ca: dir.join(files::CA_CERT),
+                    cert: dir.join(files::cert(sae)),
+                    key: dir.join(files::key(sae)),
+                },
+            ))
+            .unwrap()
+        };
+        let (master, slave) = (
+            client(sim.addr_a(), files::SAE_A),
+            client(sim.addr_b(), files::SAE_B),
+        );
+        let ctl = sim.control();
+        let first = master.enc_keys(files::SAE_B, 1, None).await.unwrap();
+        let id = first[0].id;
+        let got = slave.dec_key(files::SAE_A, id, None).await.unwrap();
+        assert_eq!(got.material, first[0].material);
+        assert!(slave.dec_key(files::SAE_A, id, None).await.is_err());
+        // Both faults on kme-a only: kme-b, where the slave fetches, still says no.
+        let st = ctl
+            .apply(&ControlUpdate {
+                kme: Some(KmeSel::A),
+                reserve_keys: Some(true),
+                reissue_keys: Some(true),
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(st.faults_a.reserve_keys && !st.faults_b.reserve_keys);
+        assert!(st.faults_a.reissue_keys && !st.faults_b.reissue_keys);
+        assert!(slave.dec_key(files::SAE_A, id, None).await.is_err());
+        // kme-a hands the old key_ID out again, with its bytes, once; then fresh keys.
+        let again = master.enc_keys(files::SAE_B, 1, None).await.unwrap();
+        assert_eq!((again[0].id, &again[0].material), (id, &first[0].material));
+        let fresh = master.enc_keys(files::SAE_B, 1, None).await.unwrap();
+        assert_ne!(fresh[0].id, id);
+        // The re-issued key is pending again: kme-b delivers it once as usual.
+        assert_eq!(
+            slave
+                .dec_key(files::SAE_A, id, None)
+                .await
+                .unwrap()
+                .material,
+            first[0].material
+        );
+        assert!(slave.dec_key(files::SAE_A, id, None).await.is_err());
+        // Re-serve on kme-b too: as often as asked, the same bytes.
+        ctl.apply(&ControlUpdate {
+            kme: Some(KmeSel::B),
+            reserve_keys: Some(true),
+            ..Default::default()
+        })
+        .unwrap();
+        for _ in 0..2 {
+            let k = slave.dec_key(files::SAE_A, id, None).await.unwrap();
+            assert_eq!(k.material, first[0].material);
+        }
+        // Still on, re-issue does not rewind by itself: nothing old comes back.
+        let fresh = master.enc_keys(files::SAE_B, 1, None).await.unwrap();
+        assert_ne!(fresh[0].id, id);
+        let st = ctl.state();
+        assert_eq!((st.reissued, st.reserved, st.retained_keys), (1, 2, 1));
+        // Off again: delivered keys are gone for good, as on an honest KME.
+        ctl.apply(&ControlUpdate {
+            reserve_keys: Some(false),
+            reissue_keys: Some(false),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(slave.dec_key(files::SAE_A, id, None).await.is_err());
+        // Without a history the fault has nothing to serve, and says so.
+        for u in [
+            ControlUpdate {
+                key_history: Some(0),
+                reserve_keys: Some(true),
+                ..Default::default()
+            },
+            ControlUpdate {
+                key_history: Some(0),
+                reissue_keys: Some(true),
+                ..Default::default()
+            },
+        ] {
+            let e = ctl.apply(&u).unwrap_err();
+            assert!(e.contains("key_history"), "{e}");
+        }
+        assert_eq!(
+            ctl.state().key_history,
+            16,
+            "a refused update changes nothing"
+        );
+        ctl.apply(&ControlUpdate {
+            key_history: Some(0),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(ctl.state().retained_keys, 0);
+        sim.shutdown().await;
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -324,7 +324,7 @@ async fn route(req: Request<Incoming>, shared: &Shared, side: Side, caller: Opti
                     Err(resp) => return *resp,
                 }
             };
-            dec_keys(shared, caller, &sae, &ids)
+            dec_keys(shared, side, caller, &sae, &ids)
         }
     }
 }
@@ -365,7 +365,7 @@ fn status(shared: &Shared, side: Side, caller: &str, slave: &str) -> Resp {
     )
 }
 
-fn enc_keys(shared: &Shared, _side: Side, caller: &str, slave: &str, r: &KeyRequest) -> Resp {
+fn enc_keys(shared: &Shared, side: Side, caller: &str, slave: &str, r: &KeyRequest) -> Resp {
     let cfg = &shared.cfg;
     let number = r.number.unwrap_or(1);
     if number == 0 || number > cfg.max_key_per_request {
@@ -390,9 +390,10 @@ fn enc_keys(shared: &Shared, _side: Side, caller: &str, slave: &str, r: &KeyRequ
             "mandatory extension {name:?} is not supported by this KME"
         ));
     }
+    let reissue = shared.faults(side).reissue_keys;
     let issued = {
         let mut l = lock(&shared.link);
-        l.take(Instant::now(), caller, slave, number, size)
+        l.take(Instant::now(), caller, slave, number, size, reissue)
     };
     match issued {
         Ok(keys) => {
@@ -424,7 +425,7 @@ fn enc_keys(shared: &Shared, _side: Side, caller: &str, slave: &str, r: &KeyRequ
     }
 }
 
-fn dec_keys(shared: &Shared, caller: &str, master: &str, raw_ids: &[String]) -> Resp {
+fn dec_keys(shared: &Shared, side: Side, caller: &str, master: &str, raw_ids: &[String]) -> Resp {
     if raw_ids.is_empty() {
         return bad("key_IDs is empty: give at least one key_ID");
     }
@@ -447,9 +448,10 @@ fn dec_keys(shared: &Shared, caller: &str, master: &str, raw_ids: &[String]) -> 
             }
         }
     }
+    let reserve = shared.faults(side).reserve_keys;
     let delivered = {
         let mut l = lock(&shared.link);
-        l.deliver(Instant::now(), caller, master, &ids)
+        l.deliver(Instant::now(), caller, master, &ids, reserve)
     };
     match delivered {
         Ok(keys) => {

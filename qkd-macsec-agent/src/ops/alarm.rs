@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::agent::core::{Report, Status};
+use crate::agent::core::Report;
 use crate::config::AlarmHook;
 use crate::watchdog::Alarm;
 
@@ -299,10 +299,16 @@ impl AlarmTracker {
     }
 
     /// A fresh status snapshot: clears what no longer holds.
-    pub fn on_status(&mut self, s: &Status) -> Vec<AlarmEvent> {
+    /// The link's state after a turn of its loop: whether it is stalled, the key it transmits
+    /// with, and whether key requests succeed again (no failure since the last success).
+    pub fn on_state(
+        &mut self,
+        stalled: bool,
+        key: Option<String>,
+        supply_ok: bool,
+    ) -> Vec<AlarmEvent> {
         let mut out = Vec::new();
-        let key = s.active_key_id.clone();
-        if !s.stalled {
+        if !stalled {
             out.extend(self.clear(
                 AlarmKind::LinkStalled,
                 key.clone(),
@@ -322,9 +328,7 @@ impl AlarmTracker {
                 "transmitting with a key from a fresh CAK".into(),
             ));
         }
-        if s.consecutive_fetch_failures == 0
-            && s.io.last_fetch.as_ref().is_some_and(|f| f.result == "ok")
-        {
+        if supply_ok {
             out.extend(self.clear(
                 AlarmKind::KeySupply,
                 key,
@@ -486,11 +490,9 @@ mod tests {
             .starts_with("QKDMACSEC-E001 link-stalled raised: link l1"));
         assert!(t.on_report(&r, None).is_empty(), "raised once");
         assert_eq!(t.active(), ["QKDMACSEC-E001"]);
-        let mut s = crate::ops::status::tests::sample_status();
-        s.stalled = true;
-        assert!(t.on_status(&s).is_empty());
-        s.stalled = false;
-        let ev = t.on_status(&s);
+        let key = Some(KeyId([1; 16]).to_string());
+        assert!(t.on_state(true, key.clone(), false).is_empty());
+        let ev = t.on_state(false, key, false);
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].action, AlarmAction::Clear);
         assert!(t.active().is_empty());
@@ -511,14 +513,11 @@ mod tests {
             ev[0].key_id.as_deref(),
             Some(KeyId([1; 16]).to_string().as_str())
         );
-        let mut s = crate::ops::status::tests::sample_status();
-        s.active_key_id = Some(KeyId([1; 16]).to_string());
         assert!(t
-            .on_status(&s)
+            .on_state(false, Some(KeyId([1; 16]).to_string()), false)
             .iter()
             .all(|e| e.kind != AlarmKind::AklWarning));
-        s.active_key_id = Some(KeyId([2; 16]).to_string());
-        let ev = t.on_status(&s);
+        let ev = t.on_state(false, Some(KeyId([2; 16]).to_string()), false);
         assert!(ev
             .iter()
             .any(|e| e.kind == AlarmKind::AklWarning && e.action == AlarmAction::Clear));

@@ -5,7 +5,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::status::{StatusView, STATUS_SCHEMA_VERSION};
+use super::status::{Status, STATUS_SCHEMA_VERSION};
 
 /// Arguments of `status`.
 #[derive(Debug, clap::Args)]
@@ -54,7 +54,7 @@ pub enum ClientError {
 }
 
 /// Reads one answer from the socket: the raw JSON text and its parsed form.
-pub fn fetch(path: &Path) -> Result<(String, Vec<Option<StatusView>>), ClientError> {
+pub fn fetch(path: &Path) -> Result<(String, Vec<Option<Status>>), ClientError> {
     let mut s = UnixStream::connect(path).map_err(|source| ClientError::Connect {
         path: path.to_owned(),
         source,
@@ -67,7 +67,7 @@ pub fn fetch(path: &Path) -> Result<(String, Vec<Option<StatusView>>), ClientErr
             path: path.to_owned(),
             source,
         })?;
-    let v: Vec<Option<StatusView>> =
+    let v: Vec<Option<Status>> =
         serde_json::from_str(&text).map_err(|source| ClientError::Parse {
             path: path.to_owned(),
             source,
@@ -120,7 +120,7 @@ pub fn run(args: StatusArgs) -> Result<(), ClientError> {
     }
 }
 
-fn output(text: &str, v: &[Option<StatusView>], json: bool) -> Result<String, ClientError> {
+fn output(text: &str, v: &[Option<Status>], json: bool) -> Result<String, ClientError> {
     if json {
         // One compact line per answer (the agent's own text), so --watch --json is JSON lines.
         return Ok(format!("{}\n", text.trim()));
@@ -159,7 +159,7 @@ fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
 }
 
 /// The human view: one block per link.
-pub fn render(v: &[Option<StatusView>], now_unix: f64) -> String {
+pub fn render(v: &[Option<Status>], now_unix: f64) -> String {
     use std::fmt::Write as _;
     let mut o = String::new();
     if v.is_empty() {
@@ -269,7 +269,7 @@ mod tests {
     fn table_shows_state_keys_ids_and_counters_but_no_keys() {
         let s = sample_status();
         let json = serde_json::to_string(&vec![Some(s.clone()), None]).unwrap();
-        let v: Vec<Option<StatusView>> = serde_json::from_str(&json).unwrap();
+        let v: Vec<Option<Status>> = serde_json::from_str(&json).unwrap();
         let now = s.io.last_fetch.as_ref().unwrap().unix_time + 5.0;
         let t = render(&v, now);
         assert!(

@@ -5,9 +5,9 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 
-use crate::agent::core::Status;
+use super::status::Status;
+use super::StatusHub;
 
 /// The states of `qkd_macsec_link_state`.
 pub const STATES: [&str; 4] = ["secured", "warning", "rekeying", "stalled"];
@@ -316,11 +316,12 @@ pub enum MetricsError {
     },
 }
 
-/// Binds `addr` and serves `GET /metrics` from the shared snapshots until the task is aborted.
+/// Binds `addr` and serves `GET /metrics`, asking every link for its status per request, until
+/// the task is aborted.
 /// Returns the bound address (useful with port 0) and the task.
 pub async fn serve(
     addr: SocketAddr,
-    statuses: Arc<Mutex<Vec<Option<Status>>>>,
+    hub: StatusHub,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), MetricsError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -334,11 +335,14 @@ pub async fn serve(
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let statuses = statuses.clone();
+            let hub = hub.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
-                    let statuses = statuses.clone();
-                    async move { Ok::<_, std::convert::Infallible>(respond(&req, &statuses)) }
+                    let hub = hub.clone();
+                    async move {
+                        let statuses = hub.collect().await;
+                        Ok::<_, std::convert::Infallible>(respond(&req, &statuses))
+                    }
                 });
                 let io = hyper_util::rt::TokioIo::new(stream);
                 let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, svc);
@@ -352,7 +356,7 @@ pub async fn serve(
 
 fn respond<B>(
     req: &hyper::Request<B>,
-    statuses: &Mutex<Vec<Option<Status>>>,
+    statuses: &[Option<Status>],
 ) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
     let (code, ctype, body) = if req.method() != hyper::Method::GET {
         (405, "text/plain", "only GET\n".to_owned())
@@ -363,8 +367,11 @@ fn respond<B>(
             "not found; metrics are at /metrics\n".to_owned(),
         )
     } else {
-        let s = statuses.lock().unwrap_or_else(|p| p.into_inner());
-        (200, "text/plain; version=0.0.4; charset=utf-8", render(&s))
+        (
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+            render(statuses),
+        )
     };
     hyper::Response::builder()
         .status(code)
@@ -456,7 +463,7 @@ mod tests {
     fn exposition_has_every_documented_metric_with_values() {
         let mut stalled = sample_status();
         stalled.link = "b \"quoted\"".into();
-        stalled.state = "stalled";
+        stalled.state = "stalled".into();
         stalled.akl_remaining_seconds = None;
         stalled.stalled = true;
         let text = render(&[Some(sample_status()), None, Some(stalled)]);
@@ -599,10 +606,15 @@ mod tests {
 
     #[tokio::test]
     async fn serves_metrics_over_a_real_socket() {
-        let statuses = Arc::new(Mutex::new(vec![Some(sample_status())]));
-        let (addr, task) = serve("127.0.0.1:0".parse().unwrap(), statuses)
-            .await
-            .unwrap();
+        // One link task that answers every status request with the sample.
+        let (hub, mut requests) = StatusHub::new(1);
+        let mut rx = requests.remove(0);
+        let link = tokio::spawn(async move {
+            while let Some(reply) = rx.recv().await {
+                let _ = reply.send(sample_status());
+            }
+        });
+        let (addr, task) = serve("127.0.0.1:0".parse().unwrap(), hub).await.unwrap();
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let get = |path: &'static str| async move {
             let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -625,5 +637,6 @@ mod tests {
         let r = get("/other").await;
         assert!(r.starts_with("HTTP/1.1 404"), "{r}");
         task.abort();
+        link.abort();
     }
 }

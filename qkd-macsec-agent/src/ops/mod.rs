@@ -10,8 +10,11 @@ pub mod status;
 
 use std::time::Duration;
 
-use crate::agent::core::{Report, Status};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::agent::core::{Report, Snapshot};
 use crate::dataplane::{Dataplane, Direction};
+use status::Status;
 
 /// Per-link operator state kept by the IO loop.
 #[derive(Debug)]
@@ -85,15 +88,80 @@ impl LinkOps {
         }
     }
 
-    /// Completes the core's snapshot with the IO side and clears alarms that no longer hold.
-    pub fn complete(&mut self, mut s: Status) -> Status {
-        self.active_key = s.active_key_id.clone();
-        s.io = self.io.clone();
-        for ev in self.alarms.on_status(&s) {
+    /// After every turn of the link's loop: clears the alarms that no longer hold. Cheap (no
+    /// status object is built).
+    pub fn observe(&mut self, snap: &Snapshot) {
+        let key = snap.active.map(|(k, _)| k.key_id.to_string());
+        self.active_key = key.clone();
+        let supply_ok = snap.consecutive_fetch_failures == 0
+            && self
+                .io
+                .last_fetch
+                .as_ref()
+                .is_some_and(|f| f.result == "ok");
+        let stalled = snap.state == crate::agent::core::LinkState::Stalled;
+        for ev in self.alarms.on_state(stalled, key, supply_ok) {
             self.sink.emit(ev);
         }
+    }
+
+    /// The link's status object, when a client asks for it.
+    pub fn status(&self, snap: &Snapshot) -> Status {
+        let mut s = Status::new(snap, self.io.clone());
         s.io.active_alarms = self.alarms.active();
         s
+    }
+}
+
+/// What a link task receives when a client wants its status: where to send it.
+pub type StatusRequest = oneshot::Sender<Status>;
+
+/// Status on demand: the status socket and the metrics endpoint ask every link task when a
+/// client asks, instead of every link rebuilding its status on every turn of its loop.
+#[derive(Debug, Clone)]
+pub struct StatusHub {
+    links: std::sync::Arc<Vec<mpsc::Sender<StatusRequest>>>,
+}
+
+impl StatusHub {
+    /// How long a link task has to answer (it answers between two batches of its own work).
+    pub const ANSWER_WITHIN: Duration = Duration::from_secs(2);
+
+    /// A hub for `links` link tasks, and the receiver each task polls.
+    pub fn new(links: usize) -> (Self, Vec<mpsc::Receiver<StatusRequest>>) {
+        let (tx, rx): (Vec<_>, Vec<_>) = (0..links).map(|_| mpsc::channel(4)).unzip();
+        (
+            Self {
+                links: std::sync::Arc::new(tx),
+            },
+            rx,
+        )
+    }
+
+    /// Every link's status, in config order; `None` for a link whose task has stopped or did
+    /// not answer within [`StatusHub::ANSWER_WITHIN`].
+    pub async fn collect(&self) -> Vec<Option<Status>> {
+        // Ask all first, then wait: the links answer in parallel.
+        let pending: Vec<Option<oneshot::Receiver<Status>>> = self
+            .links
+            .iter()
+            .map(|tx| {
+                let (otx, orx) = oneshot::channel();
+                tx.try_send(otx).ok().map(|()| orx)
+            })
+            .collect();
+        let deadline = tokio::time::Instant::now() + Self::ANSWER_WITHIN;
+        let mut out = Vec::with_capacity(pending.len());
+        for p in pending {
+            out.push(match p {
+                Some(rx) => tokio::time::timeout_at(deadline, rx)
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok()),
+                None => None,
+            });
+        }
+        out
     }
 }
 

@@ -1,5 +1,6 @@
-//! The status schema: the IO layer's part of [`Status`] ([`IoStats`]) and the client's
-//! view of the whole JSON object ([`StatusView`]). docs/status.md documents every field.
+//! The status schema ([`Status`], written by the agent and read by the client), built from the
+//! core's typed [`Snapshot`] and the IO layer's part ([`IoStats`]). docs/status.md documents
+//! every field.
 //!
 //! Versioning: [`STATUS_SCHEMA_VERSION`] is bumped when a field is renamed, removed or changes
 //! type or meaning; adding a field does not bump it, so clients ignore fields they do not know.
@@ -9,8 +10,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-#[cfg(doc)]
-use crate::agent::core::Status;
+use crate::agent::core::{mac_str, LinkState, Snapshot};
+use crate::keyx::Role;
+use crate::profile::ProfileKind;
+use crate::watchdog::StallReason;
 
 /// Version of the status JSON schema (the `schema_version` field).
 pub const STATUS_SCHEMA_VERSION: u32 = 1;
@@ -167,13 +170,15 @@ pub fn fetch_result_class(e: &crate::etsi014::Etsi014Error) -> &'static str {
     }
 }
 
-/// The client's reading of one link's status object. Lenient (unknown fields are ignored, so
-/// an older client reads a newer agent) but typed: a field with the wrong type is an error.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct StatusView {
+/// One link's status object (docs/status.md), written by the agent and read by the client:
+/// the one definition of the schema. Reading is lenient (unknown fields are ignored, so an
+/// older client reads a newer agent) but typed: a field with the wrong type is an error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
     pub schema_version: u32,
-    pub link: String,
+    /// `secured`, `warning` (AKL past `warn_at`), `rekeying` (a rollover in progress) or `stalled`.
     pub state: String,
+    pub link: String,
     pub role: String,
     pub profile: String,
     pub stalled: bool,
@@ -188,23 +193,81 @@ pub struct StatusView {
     pub alarms: u64,
     pub last_report: Option<String>,
     pub rollover_in_progress: bool,
+    /// The key_ID and AN of the rollover in progress.
     pub next_key_id: Option<String>,
     pub next_an: Option<u8>,
+    /// What is left of the active key's lifetime (absent while stalled).
     pub akl_remaining_seconds: Option<f64>,
     pub akl_remaining_frames: Option<u64>,
+    /// k of the sak profile (absent in the cak profile).
     pub key_buffer_capacity: Option<usize>,
     pub consecutive_fetch_failures: u32,
-    pub rollovers: u64,
-    pub last_rekey_ms: Option<f64>,
     pub warnings: u64,
+    /// Keys this gateway switched its TX to since the agent started.
+    pub rollovers: u64,
+    /// Master: from picking the SAK to both ends transmitting with it; slave: from the
+    /// INSTALL to its own switch.
+    pub last_rekey_ms: Option<f64>,
+    /// What only the IO layer knows (KME latency, data plane counters, alarms).
     #[serde(flatten)]
     pub io: IoStats,
+}
+
+impl Status {
+    /// The status object of the core's `snap` and the IO layer's `io`.
+    pub fn new(snap: &Snapshot, io: IoStats) -> Self {
+        Self {
+            schema_version: STATUS_SCHEMA_VERSION,
+            state: match snap.state {
+                LinkState::Secured => "secured",
+                LinkState::Warning => "warning",
+                LinkState::Rekeying => "rekeying",
+                LinkState::Stalled => "stalled",
+            }
+            .into(),
+            link: snap.label.clone(),
+            role: match snap.role {
+                Role::Master => "master",
+                Role::Slave => "slave",
+            }
+            .into(),
+            profile: match snap.profile {
+                ProfileKind::Cak => "cak",
+                ProfileKind::Sak => "sak",
+            }
+            .into(),
+            stalled: snap.state == LinkState::Stalled,
+            stall_reason: snap.stall_reason.map(|r| match r {
+                StallReason::NoKey => "no key installed yet".to_owned(),
+                StallReason::Exhausted(by) => format!("active key lifetime exhausted ({by:?})"),
+            }),
+            active_key_id: snap.active.map(|(k, _)| k.key_id.to_string()),
+            active_kn: snap.active.map(|(k, _)| k.kn),
+            active_an: snap.active.map(|(_, an)| an),
+            used: snap.used,
+            keys_held: snap.keys_held,
+            anchor: snap.anchor.map(|k| k.to_string()),
+            peer_mac: snap.peer_mac.map(mac_str),
+            alarms: snap.alarms,
+            last_report: snap.last_report.as_ref().map(|r| format!("{r:?}")),
+            rollover_in_progress: snap.next.is_some(),
+            next_key_id: snap.next.map(|(k, _)| k.key_id.to_string()),
+            next_an: snap.next.map(|(_, an)| an),
+            akl_remaining_seconds: snap.remaining.map(|(t, _)| t.as_secs_f64()),
+            akl_remaining_frames: snap.remaining.map(|(_, f)| f),
+            key_buffer_capacity: snap.key_buffer_capacity,
+            consecutive_fetch_failures: snap.consecutive_fetch_failures,
+            warnings: snap.warnings,
+            rollovers: snap.rollovers,
+            last_rekey_ms: snap.last_rekey.map(|d| d.as_secs_f64() * 1e3),
+            io,
+        }
+    }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::agent::core::Status;
 
     pub(crate) fn sample_status() -> Status {
         let mut io = IoStats::default();
@@ -231,10 +294,10 @@ pub(crate) mod tests {
         io.active_alarms.push("QKDMACSEC-W001".into());
         Status {
             schema_version: STATUS_SCHEMA_VERSION,
-            state: "warning",
+            state: "warning".into(),
             link: "site-a".into(),
-            role: "master",
-            profile: "sak",
+            role: "master".into(),
+            profile: "sak".into(),
             stalled: false,
             stall_reason: None,
             active_key_id: Some("4a1e6c1e-0000-4000-8000-000000000001".into()),
@@ -350,7 +413,7 @@ pub(crate) mod tests {
     fn the_client_reads_what_the_agent_writes() {
         let s = sample_status();
         let json = serde_json::to_string(&vec![Some(s.clone()), None]).unwrap();
-        let back: Vec<Option<StatusView>> = serde_json::from_str(&json).unwrap();
+        let back: Vec<Option<Status>> = serde_json::from_str(&json).unwrap();
         let v = back[0].as_ref().unwrap();
         assert_eq!(v.link, s.link);
         assert_eq!(v.state, s.state);
@@ -359,10 +422,10 @@ pub(crate) mod tests {
         assert!(back[1].is_none());
         // Wrong types are errors, not silently defaulted.
         let bad = json.replacen("\"keys_held\":3", "\"keys_held\":\"3\"", 1);
-        assert!(serde_json::from_str::<Vec<Option<StatusView>>>(&bad).is_err());
+        assert!(serde_json::from_str::<Vec<Option<Status>>>(&bad).is_err());
         // Unknown (newer) fields are ignored.
         let newer = json.replacen("{", "{\"future_field\":1,", 1);
-        assert!(serde_json::from_str::<Vec<Option<StatusView>>>(&newer).is_ok());
+        assert!(serde_json::from_str::<Vec<Option<Status>>>(&newer).is_ok());
     }
 
     #[test]

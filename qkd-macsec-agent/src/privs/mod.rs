@@ -41,7 +41,7 @@ pub use caps::{
     CAP_BPF, CAP_NET_ADMIN, RUNTIME_CAPS,
 };
 pub use files::{check_config_file, check_private_key_file};
-pub use gate::{link_ready, spawn_drop_when_started};
+pub use gate::{drop_when_started, StartupToken};
 pub use memory::{dumpable, protect_key_memory, KeyMemory};
 
 /// The start-up file checks: the config file, then every link's KME client key.

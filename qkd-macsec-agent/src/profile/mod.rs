@@ -11,18 +11,27 @@
 //! (master) and resolves a peer's INSTALL into a SAK (slave). It never hands out a key twice and
 //! never derives a SAK for a key number it already used.
 
-pub mod kdf;
-
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::config::{Cipher, Link, ProfileKind, Role};
+use crate::cipher::Cipher;
 use crate::keyx::wire::{KeyRole, Nonce};
 use crate::keyx::KeyId;
+use crate::keyx::Role;
 use crate::secret::SecretBytes;
 use crate::watchdog::KeyRef;
 
-use kdf::{KdfError, MI_LEN};
+use crate::kdf::{self, KdfError, MI_LEN};
+
+/// How QKD keys are used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProfileKind {
+    /// Mode 1: each QKD key is a CAK; SAKs are derived from it (IEEE 802.1X-2010 KDF).
+    Cak,
+    /// Mode 2: each QKD key is a SAK, with a buffer of pre-fetched keys.
+    Sak,
+}
 
 /// Profile errors the agent acts on. Never contain key bytes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -114,25 +123,6 @@ pub struct Params {
 }
 
 impl Params {
-    pub fn from_link(l: &Link) -> Self {
-        let role = l.role();
-        let (master_sae, slave_sae) = match role {
-            Role::Master => (l.local_sae_id.clone(), l.peer_sae_id.clone()),
-            Role::Slave => (l.peer_sae_id.clone(), l.local_sae_id.clone()),
-        };
-        Self {
-            kind: l.profile,
-            role,
-            cipher: l.cipher,
-            master_sae,
-            slave_sae,
-            key_request_interval: l.key_request_interval.get(),
-            buffer: l.sak.buffer as usize,
-            cak_lifetime: l.cak.lifetime.get(),
-            tolerated_failures: l.cak.tolerated_failures,
-        }
-    }
-
     /// The role QKD keys play in this profile.
     pub fn key_role(&self) -> KeyRole {
         match self.kind {

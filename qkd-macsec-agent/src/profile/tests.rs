@@ -401,21 +401,3 @@ fn cak_slave_matches_master_and_refuses_replayed_kn() {
         Err(ProfileError::NonceLength { got: 0, .. })
     ));
 }
-
-#[test]
-fn params_from_config_resolve_roles() {
-    let cfg =
-        crate::config::Config::parse(include_str!("../../../docs/sample-config.toml"), "sample")
-            .unwrap();
-    let p = Params::from_link(&cfg.link[0]);
-    assert_eq!(p.role, Role::Master);
-    assert_eq!(
-        (p.master_sae.as_str(), p.slave_sae.as_str()),
-        ("SAE_A", "SAE_B")
-    );
-    assert_eq!(p.key_role(), KeyRole::Sak);
-    assert_eq!(p.buffer, 10);
-    let p = Params::from_link(&cfg.link[1]);
-    assert_eq!(p.key_role(), KeyRole::Cak);
-    assert_eq!(p.qkd_key_len(), 32);
-}

@@ -17,7 +17,6 @@
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::config::{Akl, Cipher};
 use crate::keyx::KeyId;
 
 /// Identity of one SAK: the QKD key it is or was derived from, and its key number.
@@ -39,16 +38,6 @@ pub struct Limits {
 }
 
 impl Limits {
-    pub fn from_config(akl: &Akl, cipher: Cipher, tolerated_fetch_failures: u32) -> Self {
-        Self {
-            max_age: akl.max_age.get(),
-            max_pn: akl.effective_max_pn(cipher),
-            rollover_at: akl.rollover_at,
-            warn_at: akl.warn_at,
-            tolerated_fetch_failures,
-        }
-    }
-
     fn pn_at(&self, fraction: f64) -> u64 {
         // f64 has 53 bits of mantissa; rounding down keeps the threshold at or before the exact
         // fraction, which errs on the early side.

@@ -242,15 +242,6 @@ fn fetch_failures_alarm_once_past_tolerance() {
     assert!(!w.is_stalled());
 }
 
-#[test]
-fn limits_from_config() {
-    let akl = Akl::default();
-    let l = Limits::from_config(&akl, Cipher::GcmAes256, 3);
-    assert_eq!(l.max_pn, 0xC000_0000);
-    assert_eq!(l.max_age, Duration::from_secs(600));
-    assert_eq!(l.tolerated_fetch_failures, 3);
-}
-
 // ---- Property: no fallback, ever ----
 
 #[derive(Debug, Clone)]

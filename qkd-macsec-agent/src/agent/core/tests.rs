@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::*;
-use crate::config::Config;
+use crate::config::{Config, Link};
 
 const A_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xA];
 const B_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xB];
@@ -159,9 +159,13 @@ impl World {
 
     fn with(profile: &str, cipher: &str, extra: &str) -> Self {
         let (la, lb) = links(profile, cipher, extra);
+        Self::from_links(la, lb)
+    }
+
+    fn from_links(la: Link, lb: Link) -> Self {
         let now = Instant::now();
-        let a = LinkCore::new(&la, start(A_MAC, 1_000), counter_nonce(), now);
-        let b = LinkCore::new(&lb, start(B_MAC, 5_000), counter_nonce(), now);
+        let a = LinkCore::new(la.core_config(), start(A_MAC, 1_000), counter_nonce(), now);
+        let b = LinkCore::new(lb.core_config(), start(B_MAC, 5_000), counter_nonce(), now);
         assert_eq!(a.role(), Role::Master);
         assert_eq!(b.role(), Role::Slave);
         Self {
@@ -226,9 +230,12 @@ impl World {
                     let mut kid = [0u8; 16];
                     kid[12..].copy_from_slice(&id.to_be_bytes());
                     kid[0] = 0x55;
-                    let key: Vec<u8> = (0..size_bytes)
+                    let mut key: Vec<u8> = (0..size_bytes)
                         .map(|i| (id as u8).wrapping_mul(31) ^ i as u8)
                         .collect();
+                    // Distinct bytes for every key_ID (not only modulo 256): the tests compare
+                    // key bytes to find a key used twice.
+                    key[..4].copy_from_slice(&id.to_be_bytes());
                     self.kme.insert(KeyId(kid), key.clone());
                     self.ever.insert(KeyId(kid), key.clone());
                     self.issued.push(key.clone());
@@ -310,8 +317,12 @@ impl World {
                 core.handle_tx_activated(an, Ok(()), now);
             }
             Command::RetireTx { an } => {
-                let live = k.encoding == Some(an) && !k.stall && k.tx.get(&an).is_some_and(|t| t.1);
+                let live = k.encoding == Some(an) && k.tx.get(&an).is_some_and(|t| t.1);
                 assert!(!live, "never retire the live TX SA");
+                k.tx.remove(&an);
+            }
+            Command::RemoveStalledTx { an } => {
+                assert!(k.stall, "RemoveStalledTx on a link that is not stalled");
                 k.tx.remove(&an);
             }
             Command::RetireRx { an, .. } => {
@@ -458,10 +469,10 @@ fn starts_stalled_then_bootstraps_in_sak_profile() {
     assert_eq!(w.b.active().unwrap(), (ka, an));
     assert_eq!(w.ka.tx[&an].0.len(), 32);
     assert!(w.ka.watched.contains(&an));
-    let st = w.a.status(w.now);
-    assert_eq!(st.role, "master");
-    assert!(!st.stalled);
-    assert_eq!(st.peer_mac.as_deref(), Some("02:00:00:00:00:0b"));
+    let st = w.a.snapshot(w.now);
+    assert_eq!(st.role, Role::Master);
+    assert_eq!(st.state, LinkState::Secured);
+    assert_eq!(st.peer_mac, Some(B_MAC));
 }
 
 #[test]
@@ -499,7 +510,7 @@ fn rolls_over_by_time_hitlessly_for_an_hour() {
 #[test]
 fn rolls_over_by_packet_number_before_time() {
     let mut w = World::with("sak", "gcm-aes-128", "max_pn = 100000");
-    let extra_ok = w.a.status(w.now).profile == "sak";
+    let extra_ok = w.a.snapshot(w.now).profile == ProfileKind::Sak;
     assert!(extra_ok);
     w.rate = 1000; // 1000 frames/s: 75 % of 100000 after 75 s, long before 450 s.
     w.run_for(Duration::from_secs(5));
@@ -516,7 +527,7 @@ fn kme_outage_drains_the_buffer_then_stalls_then_recovers() {
     w.run_for(Duration::from_secs(200));
     assert!(w.in_sync());
     assert_eq!(
-        w.a.status(w.now).keys_held,
+        w.a.snapshot(w.now).keys_held,
         3,
         "buffer k = 3 filled at f_QKD"
     );
@@ -613,7 +624,12 @@ fn restart_of_the_slave_rebootstraps() {
     assert!(w.in_sync());
     // The slave agent restarts: new core, same kernel state (adopted).
     let (_, lb) = links("sak", "gcm-aes-256", "");
-    w.b = LinkCore::new(&lb, start(B_MAC, 9_000), counter_nonce(), w.now);
+    w.b = LinkCore::new(
+        lb.core_config(),
+        start(B_MAC, 9_000),
+        counter_nonce(),
+        w.now,
+    );
     w.settle();
     // Without a record (see restart_with_a_record_*) the new slave cannot vouch for the running
     // SA's age, so it stalls its side.
@@ -627,8 +643,8 @@ fn restart_of_the_slave_rebootstraps() {
     assert!(
         w.in_sync(),
         "{:?} / {:?}",
-        w.a.status(w.now),
-        w.b.status(w.now)
+        w.a.snapshot(w.now),
+        w.b.snapshot(w.now)
     );
     let took = w.now - restarted;
     assert!(took <= Duration::from_secs(60), "recovery took {took:?}");
@@ -658,10 +674,22 @@ fn restart_with_record(profile: &str, who: char) {
     let before = w.ka.tx_history.len();
     if who == 'a' {
         let adopt = adoption_of(&w.a, &w.ka, w.now);
-        w.a = LinkCore::new_adopted(&la, start(A_MAC, 9_000), counter_nonce(), adopt, w.now);
+        w.a = LinkCore::new_adopted(
+            la.core_config(),
+            start(A_MAC, 9_000),
+            counter_nonce(),
+            adopt,
+            w.now,
+        );
     } else {
         let adopt = adoption_of(&w.b, &w.kb, w.now);
-        w.b = LinkCore::new_adopted(&lb, start(B_MAC, 9_000), counter_nonce(), adopt, w.now);
+        w.b = LinkCore::new_adopted(
+            lb.core_config(),
+            start(B_MAC, 9_000),
+            counter_nonce(),
+            adopt,
+            w.now,
+        );
     }
     w.settle();
     let restarted = w.now;
@@ -677,8 +705,8 @@ fn restart_with_record(profile: &str, who: char) {
     assert!(
         w.in_sync(),
         "{:?} / {:?}",
-        w.a.status(w.now),
-        w.b.status(w.now)
+        w.a.snapshot(w.now),
+        w.b.snapshot(w.now)
     );
     let took = w.ka.tx_history.len() > before;
     assert!(took, "{profile}/{who}: no rollover after the restart");
@@ -726,7 +754,13 @@ fn adopted_key_lifetime_counts_from_when_it_became_active() {
     let (_, lb) = links("sak", "gcm-aes-256", "");
     let adopt = adoption_of(&w.b, &w.kb, w.now);
     let expires = w.b.active_since().unwrap() + Duration::from_secs(600);
-    w.b = LinkCore::new_adopted(&lb, start(B_MAC, 9_000), counter_nonce(), adopt, w.now);
+    w.b = LinkCore::new_adopted(
+        lb.core_config(),
+        start(B_MAC, 9_000),
+        counter_nonce(),
+        adopt,
+        w.now,
+    );
     w.settle();
     assert!(!w.kb.stall, "adopted without a stall");
     while !w.kb.stall && w.now < expires + Duration::from_secs(600) {
@@ -747,7 +781,13 @@ fn an_expired_record_stalls_at_once() {
     let (_, lb) = links("cak", "gcm-aes-256", "");
     let mut adopt = adoption_of(&w.b, &w.kb, w.now);
     adopt.age = Duration::from_secs(601);
-    w.b = LinkCore::new_adopted(&lb, start(B_MAC, 9_000), counter_nonce(), adopt, w.now);
+    w.b = LinkCore::new_adopted(
+        lb.core_config(),
+        start(B_MAC, 9_000),
+        counter_nonce(),
+        adopt,
+        w.now,
+    );
     w.settle();
     assert!(w.kb.stall, "a key past its lifetime is never adopted");
     assert!(w.b.is_stalled());
@@ -960,7 +1000,7 @@ fn a_master_restarted_without_a_record_starts_after_the_kernels_an() {
             };
             let prepared = w.prepared.len();
             w.a = LinkCore::new_with_first_an(
-                &la,
+                la.core_config(),
                 Start {
                     used_keys: w.ka.ledger.clone(),
                     ..start(A_MAC, 10_000 * (i + 1))
@@ -976,8 +1016,8 @@ fn a_master_restarted_without_a_record_starts_after_the_kernels_an() {
             assert!(
                 w.in_sync(),
                 "{profile}: restart over AN {old} never re-keyed: {:?} / {:?}",
-                w.a.status(w.now),
-                w.b.status(w.now)
+                w.a.snapshot(w.now),
+                w.b.snapshot(w.now)
             );
             let aimed: Vec<u8> = w.prepared[prepared..].iter().map(|p| p.1).collect();
             assert!(
@@ -1009,7 +1049,7 @@ fn restart_and_replay_with_a_reserving_kme(profile: &str, who: char) {
     if who == 'a' {
         let used = w.ka.ledger.clone();
         w.a = LinkCore::new(
-            &la,
+            la.core_config(),
             Start {
                 used_keys: used,
                 ..start(A_MAC, 9_000)
@@ -1022,7 +1062,7 @@ fn restart_and_replay_with_a_reserving_kme(profile: &str, who: char) {
     } else {
         let used = w.kb.ledger.clone();
         w.b = LinkCore::new(
-            &lb,
+            lb.core_config(),
             Start {
                 used_keys: used,
                 ..start(B_MAC, 9_000)
@@ -1057,8 +1097,8 @@ fn restart_and_replay_with_a_reserving_kme(profile: &str, who: char) {
     assert!(
         w.in_sync(),
         "{profile}/{who}: {:?} / {:?}",
-        w.a.status(w.now),
-        w.b.status(w.now)
+        w.a.snapshot(w.now),
+        w.b.snapshot(w.now)
     );
 }
 
@@ -1172,7 +1212,7 @@ fn the_master_counts_the_slaves_traffic_as_the_kernel_validated_it() {
             "{profile}: {:?}",
             w.reports
         );
-        let used = w.a.status(w.now).used.unwrap();
+        let used = w.a.snapshot(w.now).used.unwrap();
         assert!(used > 0.0, "{profile}: the master's watchdog saw no use");
     }
 }
@@ -1238,10 +1278,10 @@ fn only_the_active_an_of_a_validated_rx_figure_counts_against_the_key() {
     w.a.handle_rx_validated(other, u64::from(u32::MAX), now);
     w.settle();
     assert!(!w.a.is_stalled() && !w.ka.stall);
-    assert!(w.a.status(w.now).used.unwrap() < 0.1);
+    assert!(w.a.snapshot(w.now).used.unwrap() < 0.1);
     // 80 % of the default max_pn (0xC0000000) validated on the active AN: past rollover_at.
     w.a.handle_rx_validated(an, 0xC000_0000 / 10 * 8, now);
-    assert!(w.a.status(w.now).used.unwrap() >= 0.79);
+    assert!(w.a.snapshot(w.now).used.unwrap() >= 0.79);
     w.settle();
     assert!(!w.a.is_stalled());
     assert_ne!(

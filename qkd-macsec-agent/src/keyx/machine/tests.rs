@@ -1107,3 +1107,27 @@ fn unauthenticated_announces_move_nothing_while_the_master_is_live() {
     );
     assert_eq!(s.anchor(), Some(kid(1)), "fetching a key moves no anchor");
 }
+
+/// A KME that hands out a key_ID again while the master holds it: never announced twice, and a
+/// pending announcement that its key's retirement ends is reported, so that nobody waits for it.
+#[test]
+fn a_key_id_known_here_is_never_announced_twice() {
+    let t = Instant::now();
+    let (mut m, mut s) = pair(t);
+    deliver_key(&mut m, &mut s, 1, t);
+    assert_eq!(
+        m.announce(kid(1), KeyRole::Sak, 7, key(1), t, None, t),
+        Err(KeyxError::Duplicate(kid(1)))
+    );
+    m.announce(kid(2), KeyRole::Sak, 2, key(2), t, None, t)
+        .unwrap();
+    out(&mut m);
+    m.retire(kid(2));
+    assert_eq!(
+        events(&mut m),
+        vec![Event::KeyLost {
+            key_id: kid(2),
+            reason: LostReason::Retired
+        }]
+    );
+}
