@@ -59,7 +59,11 @@ fn strip_dwarf(out_dir: &Path) {
     };
     for name in OBJECTS {
         let obj = out_dir.join(name);
-        match Command::new(&objcopy).arg("--strip-debug").arg(&obj).status() {
+        match Command::new(&objcopy)
+            .arg("--strip-debug")
+            .arg(&obj)
+            .status()
+        {
             Ok(s) if s.success() => {}
             other => println!(
                 "cargo::warning={} --strip-debug {} failed ({other:?}): embedded unstripped",
