@@ -426,15 +426,20 @@ fn run_vm_jobs(bodies: &[String], mode: Mode) -> Result<Vec<Result<String>>> {
         timeout: crate::vm::timeout(None)?,
     };
     let out = crate::vm::run_job(&job)?;
+    Ok(job_outputs(&out.marks, bodies, out.status))
+}
+
+/// Splits the marks of a batch of VM jobs by job: each job's `bench-*` lines, or its failure
+/// (a non-zero status, or no status at all when the VM stopped before the job finished).
+fn job_outputs(marks: &[String], bodies: &[String], vm_status: i32) -> Vec<Result<String>> {
     let mut results = Vec::new();
     for (i, body) in bodies.iter().enumerate() {
-        let rc = out.marks.iter().find_map(|m| {
+        let rc = marks.iter().find_map(|m| {
             let (n, rc) = m.strip_prefix("rc ")?.split_once(' ')?;
             (n == i.to_string()).then(|| rc.trim().to_owned())
         });
         let prefix = format!("job {i} ");
-        let lines: Vec<&str> = out
-            .marks
+        let lines: Vec<&str> = marks
             .iter()
             .filter_map(|m| m.strip_prefix(&prefix))
             .collect();
@@ -444,12 +449,11 @@ fn run_vm_jobs(bodies: &[String], mode: Mode) -> Result<Vec<Result<String>>> {
                 "VM benchmark `{body}` exited with status {rc}"
             )),
             None => Err(anyhow::anyhow!(
-                "VM benchmark `{body}` did not finish (VM status {})",
-                out.status
+                "VM benchmark `{body}` did not finish (VM status {vm_status})"
             )),
         });
     }
-    Ok(results)
+    results
 }
 
 fn parse_results(output: &str) -> Result<BTreeMap<String, serde_json::Value>> {
@@ -521,5 +525,28 @@ mod tests {
         assert!(parse_results("bench-json: {\"k\": {\"nested\": 1}}").is_err());
         assert!(parse_results("bench-result: kme.x fast").is_err());
         assert!(parse_results("bench-result: kme.x").is_err());
+    }
+
+    #[test]
+    fn vm_batch_marks_are_split_by_job_and_failures_kept_apart() {
+        let marks: Vec<String> = [
+            "job 0 bench-result: macsec.a 1",
+            "rc 0 0",
+            "job 1 bench-result: agent.b 2",
+            "job 1 bench-samples: {}",
+            "rc 1 3",
+            "job 10 bench-result: x.y 9",
+        ]
+        .iter()
+        .map(|m| (*m).to_owned())
+        .collect();
+        let bodies: Vec<String> = ["m", "a", "never ran"]
+            .iter()
+            .map(|b| (*b).to_owned())
+            .collect();
+        let out = job_outputs(&marks, &bodies, 1);
+        assert_eq!(out[0].as_ref().unwrap(), "bench-result: macsec.a 1");
+        assert!(format!("{:#}", out[1].as_ref().unwrap_err()).contains("status 3"));
+        assert!(format!("{:#}", out[2].as_ref().unwrap_err()).contains("did not finish"));
     }
 }
