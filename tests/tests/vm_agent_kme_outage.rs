@@ -76,20 +76,32 @@ fn kme_outage_warns_stalls_at_akl_expiry_and_recovers_within_2s() {
             .iter()
             .find(|c| c.side == side && c.what == ChangeKind::Stalled && c.at > outage_at)
             .unwrap_or_else(|| panic!("{} never stalled: {changes:?}", side.label()));
-        let activated = changes
+        let (activated, key) = changes
             .iter()
-            .filter(|c| {
-                c.side == side && c.at < stall.at && matches!(c.what, ChangeKind::Rollover { .. })
+            .filter(|c| c.side == side && c.at < stall.at)
+            .filter_map(|c| match c.what {
+                ChangeKind::Rollover { key, .. } => Some((c.at, key)),
+                _ => None,
             })
-            .map(|c| c.at)
             .next_back()
             .expect("a rollover before the stall");
+        // A key's lifetime counts from its first use on either side: the slave switches on the
+        // INSTALL, and the master counts from its INSTALL, one rekey latency before its own
+        // switch (docs/protocol.md 3.2, "Whose clock"). So the master may stall that much
+        // before its own activation + max_age, never before the key's first use + max_age.
+        let first_use = changes
+            .iter()
+            .filter(|c| matches!(c.what, ChangeKind::Rollover { key: k, .. } if k == key))
+            .map(|c| c.at)
+            .min()
+            .unwrap_or(activated);
         let expiry = activated + max_age;
+        let earliest = first_use + max_age;
         assert!(
-            stall.at + SAMPLE_SLACK >= expiry,
-            "{} stalled {:?} before its key expired",
+            stall.at + SAMPLE_SLACK >= earliest,
+            "{} stalled {:?} before its key expired (first use on either side + max_age)",
             side.label(),
-            expiry - stall.at
+            earliest.saturating_duration_since(stall.at)
         );
         assert!(
             stall.at <= expiry + Duration::from_millis(750),
