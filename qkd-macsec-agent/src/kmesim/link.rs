@@ -297,6 +297,36 @@ impl Link {
         self.issued.len()
     }
 
+    /// Hands `key` out to (master, slave) under `id`: into the answer, the issued set (for
+    /// dec_keys) and, when keys expire, the expiry queue.
+    fn hand_out(
+        &mut self,
+        out: &mut Vec<IssuedKey>,
+        id: Uuid,
+        key: SecretBytes,
+        master: &str,
+        slave: &str,
+        deadline: Option<Instant>,
+    ) {
+        out.push(IssuedKey {
+            id,
+            key: key.duplicate(),
+            expires_in: self.params.availability_timeout,
+        });
+        self.issued.insert(
+            id,
+            Issued {
+                master: master.to_string(),
+                slave: slave.to_string(),
+                key,
+                deadline,
+            },
+        );
+        if let Some(d) = deadline {
+            self.expiry.push_back((d, id));
+        }
+    }
+
     /// enc_keys: issues `number` keys of `size_bits` to (master, slave). All or nothing.
     /// `reissue` (the KME's re-issue fault): keys of this pair and size retained before the
     /// last [`Link::rewind`] and not handed out again since come first, oldest first, with
@@ -357,23 +387,7 @@ impl Link {
             };
             r.reissued_in = self.rewind;
             let key = r.key.duplicate();
-            out.push(IssuedKey {
-                id,
-                key: key.duplicate(),
-                expires_in: self.params.availability_timeout,
-            });
-            self.issued.insert(
-                id,
-                Issued {
-                    master: master.to_string(),
-                    slave: slave.to_string(),
-                    key,
-                    deadline,
-                },
-            );
-            if let Some(d) = deadline {
-                self.expiry.push_back((d, id));
-            }
+            self.hand_out(&mut out, id, key, master, slave, deadline);
             self.counters.reissued += 1;
         }
         for _ in 0..fresh {
@@ -389,23 +403,7 @@ impl Link {
                 // A failed audit write must not look like a clean audit: stop serving.
                 writeln!(f, "{id} {hex}").expect("writing the key audit log");
             }
-            out.push(IssuedKey {
-                id,
-                key: key.duplicate(),
-                expires_in: self.params.availability_timeout,
-            });
-            self.issued.insert(
-                id,
-                Issued {
-                    master: master.to_string(),
-                    slave: slave.to_string(),
-                    key,
-                    deadline,
-                },
-            );
-            if let Some(d) = deadline {
-                self.expiry.push_back((d, id));
-            }
+            self.hand_out(&mut out, id, key, master, slave, deadline);
         }
         self.counters.issued += u64::from(fresh);
         Ok(out)
