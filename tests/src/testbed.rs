@@ -1458,28 +1458,10 @@ impl WireCapture {
                     packet_socket(LOWER_IF)
                 };
                 let _ = tx.send(());
-                let mut buf = vec![0u8; 2048];
-                while !stop.load(Ordering::Relaxed) {
-                    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-                    let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-                    // SAFETY: buf and sll are valid for the lengths given.
-                    let n = unsafe {
-                        libc::recvfrom(
-                            fd.as_raw_fd(),
-                            buf.as_mut_ptr().cast(),
-                            buf.len(),
-                            0,
-                            (&raw mut sll).cast(),
-                            &raw mut len,
-                        )
-                    };
-                    if n < 14 {
-                        continue;
+                recv_frames(&fd, &stop, |pkttype, f| {
+                    if f.len() < 14 || pkttype != libc::PACKET_OUTGOING {
+                        return;
                     }
-                    if sll.sll_pkttype != libc::PACKET_OUTGOING {
-                        continue;
-                    }
-                    let f = &buf[..n as usize];
                     let ethertype = u16::from_be_bytes([f[12], f[13]]);
                     let kind = match ethertype {
                         0x88E5 => FrameKind::Macsec {
@@ -1496,7 +1478,7 @@ impl WireCapture {
                         side,
                         kind,
                     });
-                }
+                });
             }));
             rx.recv_timeout(Duration::from_secs(5))
                 .expect("wire capture did not start");
@@ -1543,6 +1525,32 @@ impl Drop for WireCapture {
 
 /// An AF_PACKET socket receiving every frame on `ifname` (in the calling thread's namespace),
 /// with a 100 ms receive timeout.
+/// Receives frames on an AF_PACKET socket until `stop`, handing each to `on_frame` with its
+/// packet type (`PACKET_OUTGOING` for what this host sent). The socket needs a receive timeout
+/// (`packet_socket` sets one) so that `stop` is noticed.
+fn recv_frames(fd: &OwnedFd, stop: &AtomicBool, mut on_frame: impl FnMut(u8, &[u8])) {
+    let mut buf = vec![0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        // SAFETY: an all-zero sockaddr_ll is a valid value for the kernel to overwrite.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+        // SAFETY: buf and sll are valid for the lengths given.
+        let n = unsafe {
+            libc::recvfrom(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+                (&raw mut sll).cast(),
+                &raw mut len,
+            )
+        };
+        if n > 0 {
+            on_frame(sll.sll_pkttype, &buf[..n as usize]);
+        }
+    }
+}
+
 fn packet_socket(ifname: &str) -> OwnedFd {
     let proto = (libc::ETH_P_ALL as u16).to_be();
     // SAFETY: plain socket(2) call.
@@ -1672,29 +1680,15 @@ impl LldpRecorder {
                     packet_socket(&ifname)
                 };
                 let _ = tx.send(());
-                let mut buf = vec![0u8; 2048];
-                while !stop.load(Ordering::Relaxed) {
-                    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-                    let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-                    // SAFETY: buf and sll are valid for the lengths given.
-                    let n = unsafe {
-                        libc::recvfrom(
-                            fd.as_raw_fd(),
-                            buf.as_mut_ptr().cast(),
-                            buf.len(),
-                            0,
-                            (&raw mut sll).cast(),
-                            &raw mut len,
-                        )
-                    };
-                    if n >= 14
-                        && sll.sll_pkttype != libc::PACKET_OUTGOING
-                        && buf[12] == 0x88
-                        && buf[13] == 0xCC
+                recv_frames(&fd, &stop, |pkttype, f| {
+                    if f.len() >= 14
+                        && pkttype != libc::PACKET_OUTGOING
+                        && f[12] == 0x88
+                        && f[13] == 0xCC
                     {
-                        lock(&frames).push((Instant::now(), buf[..n as usize].to_vec()));
+                        lock(&frames).push((Instant::now(), f.to_vec()));
                     }
-                }
+                });
             })
         };
         rx.recv_timeout(Duration::from_secs(5))
